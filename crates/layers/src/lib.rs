@@ -1,0 +1,1 @@
+//! Batch Normalization as one fused tape node, and the layers a small net needs.

@@ -1,0 +1,113 @@
+//! The error type of every fallible tape operation.
+
+use std::error::Error as StdError;
+
+/// What went wrong in a tape operation. Every message says what was expected and what was got.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TapeError {
+    /// Two shapes cannot be broadcast together (NumPy rules: trailing axes equal or 1).
+    #[error(
+        "{op}: shapes {lhs:?} and {rhs:?} cannot be broadcast together (each trailing axis must be equal or 1)"
+    )]
+    Broadcast {
+        /// The operation that broadcast.
+        op: &'static str,
+        /// Shape of the left operand.
+        lhs: Vec<usize>,
+        /// Shape of the right operand.
+        rhs: Vec<usize>,
+    },
+    /// An operand had the wrong shape.
+    #[error("{op}: {what} has shape {got:?}, expected {expected}")]
+    Shape {
+        /// The operation that checked.
+        op: &'static str,
+        /// Which operand, in words.
+        what: &'static str,
+        /// What the operation needed, in words.
+        expected: String,
+        /// The shape it got.
+        got: Vec<usize>,
+    },
+    /// An axis does not exist in the operand.
+    #[error("{op}: axis {axis} is out of range for an array of rank {ndim} (axes 0..{ndim})")]
+    Axis {
+        /// The operation that checked.
+        op: &'static str,
+        /// The axis asked for.
+        axis: usize,
+        /// The rank of the operand.
+        ndim: usize,
+    },
+    /// A `Var` was used with a tape it does not belong to.
+    #[error(
+        "{op}: this Var belongs to another tape (each Var can only be used with the tape that created it)"
+    )]
+    ForeignVar {
+        /// Where the foreign `Var` was passed.
+        op: &'static str,
+    },
+    /// `backward()` without an upstream gradient needs a one-element output.
+    #[error(
+        "backward() needs a scalar (one-element) output, got shape {shape:?}; use backward_with(grad) to give an upstream gradient"
+    )]
+    NonScalarOutput {
+        /// Shape of the output backward was called on.
+        shape: Vec<usize>,
+    },
+    /// A variable has no gradient because the output does not depend on it.
+    #[error(
+        "Var #{index} has no gradient: the output backward started from does not depend on it, or it is a constant"
+    )]
+    NoGradient {
+        /// Index of the variable on its tape.
+        index: usize,
+    },
+    /// A backward function returned the wrong number of gradients.
+    #[error(
+        "{op}: backward returned {got} gradients, expected {expected} (one per input, None where not needed)"
+    )]
+    GradientCount {
+        /// The operation whose backward misbehaved.
+        op: String,
+        /// Its number of inputs.
+        expected: usize,
+        /// How many gradients it returned.
+        got: usize,
+    },
+    /// A gradient (given to `backward_with`, or returned by an op's backward) has the wrong shape.
+    #[error("{op}: gradient for {what} has shape {got:?}, expected {expected:?}")]
+    GradientShape {
+        /// The operation (or `backward_with`).
+        op: String,
+        /// Which gradient, in words.
+        what: String,
+        /// The shape of the value it is the gradient of.
+        expected: Vec<usize>,
+        /// The shape it had.
+        got: Vec<usize>,
+    },
+    /// An error raised by a custom op (a [`Function`](crate::Function) implemented outside this crate).
+    #[error("{op}: {source}")]
+    Op {
+        /// The name of the op.
+        op: String,
+        /// The op's own error.
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
+}
+
+impl TapeError {
+    /// Wraps a custom op's own error, keeping it as the `source`.
+    pub fn op(op: impl Into<String>, source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        TapeError::Op {
+            op: op.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// Shorthand for `Result<T, TapeError>`.
+pub type Result<T, E = TapeError> = std::result::Result<T, E>;

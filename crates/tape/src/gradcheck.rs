@@ -1,0 +1,453 @@
+//! The gradient checker: compares the tape's gradients with central finite differences.
+//!
+//! For a function `f` of some inputs, the checker computes the analytic gradient of
+//! `L = sum(f(inputs) · w)` by one backward pass, then for every element `xᵢ` of every input the
+//! numeric estimate `(L(xᵢ + h) - L(xᵢ - h)) / 2h`, and requires
+//! `|analytic - numeric| <= atol + rtol · |numeric|` everywhere. `w` is a random normal array
+//! (seeded) when the output has more than one element: with `w = 1` many wrong gradients would
+//! pass (BatchNorm's input gradient is exactly zero for `w = 1`). For a one-element output
+//! `w = 1`, the output itself being the loss.
+//!
+//! Everything runs in `f64`: finite differences in `f32` are too noisy to tell a wrong
+//! gradient from rounding.
+
+use std::fmt;
+
+use ndarray::{ArrayD, Dimension};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::{Tape, TapeError, Var};
+
+/// Settings of a gradient check; [`GradCheck::default`] gives PyTorch's `gradcheck` defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradCheck {
+    /// Finite-difference step `h` (default `1e-6`).
+    pub step: f64,
+    /// Absolute tolerance (default `1e-5`).
+    pub atol: f64,
+    /// Relative tolerance, against `|numeric|` (default `1e-3`).
+    pub rtol: f64,
+    /// Seed of the random output weights `w` (default 0).
+    pub seed: u64,
+}
+
+impl Default for GradCheck {
+    fn default() -> Self {
+        GradCheck {
+            step: 1e-6,
+            atol: 1e-5,
+            rtol: 1e-3,
+            seed: 0,
+        }
+    }
+}
+
+/// Why a gradient check failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GradCheckError {
+    /// Some analytic gradient differs from its finite-difference estimate. Names the worst
+    /// element (largest error relative to its tolerance).
+    #[error(
+        "gradient check failed: input {input} at index {index:?}: analytic {analytic:.6e}, numeric {numeric:.6e} \
+         (|difference| {difference:.3e} > allowed {allowed:.3e} = atol + rtol·|numeric|); \
+         {mismatches} of {checked} elements out of tolerance"
+    )]
+    Mismatch {
+        /// Which input (position in the `inputs` slice).
+        input: usize,
+        /// The element's index in that input.
+        index: Vec<usize>,
+        /// The tape's gradient.
+        analytic: f64,
+        /// The central-difference estimate.
+        numeric: f64,
+        /// `|analytic - numeric|`.
+        difference: f64,
+        /// `atol + rtol · |numeric|`.
+        allowed: f64,
+        /// How many elements failed in all.
+        mismatches: usize,
+        /// How many elements were checked in all.
+        checked: usize,
+    },
+    /// The function itself failed.
+    #[error("gradient check: the function failed: {0}")]
+    Function(#[from] TapeError),
+    /// The function's output changed shape when an input was perturbed.
+    #[error("gradient check: the output has shape {got:?} after perturbing an input, expected {expected:?}")]
+    OutputShapeChanged {
+        /// Shape of the unperturbed output.
+        expected: Vec<usize>,
+        /// Shape after perturbing.
+        got: Vec<usize>,
+    },
+    /// There was nothing to check.
+    #[error("gradient check: no inputs given")]
+    NoInputs,
+}
+
+/// The worst agreement found for one input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputReport {
+    /// The input's shape.
+    pub shape: Vec<usize>,
+    /// Largest `|analytic - numeric|` over its elements.
+    pub max_abs_error: f64,
+    /// Largest `|analytic - numeric| / (atol + rtol·|numeric|)`: at most 1 for a pass.
+    pub worst_ratio: f64,
+}
+
+/// What a passing gradient check measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradCheckReport {
+    /// One entry per input, in order.
+    pub inputs: Vec<InputReport>,
+    /// Number of elements checked (two function evaluations each).
+    pub checked: usize,
+    /// The settings used.
+    pub config: GradCheck,
+}
+
+impl fmt::Display for GradCheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "gradient check passed: {} elements (h = {:e}, atol = {:e}, rtol = {:e})",
+            self.checked, self.config.step, self.config.atol, self.config.rtol
+        )?;
+        for (i, input) in self.inputs.iter().enumerate() {
+            writeln!(
+                f,
+                "  input {i} {:?}: max |analytic - numeric| = {:.3e}, worst error / tolerance = {:.3}",
+                input.shape, input.max_abs_error, input.worst_ratio
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl GradCheck {
+    /// Checks the tape's gradients of `f` at `inputs` against central differences.
+    ///
+    /// `f` receives a fresh tape and one trainable [`Var`] per input, and returns the output.
+    /// It is called once for the analytic gradient and twice per input element.
+    ///
+    /// # Errors
+    /// [`GradCheckError::Mismatch`] naming the worst element when any is out of tolerance,
+    /// or the error of `f`, or [`GradCheckError::OutputShapeChanged`] / [`GradCheckError::NoInputs`].
+    ///
+    /// # Example
+    /// ```
+    /// use ndarray::array;
+    /// use tape::GradCheck;
+    ///
+    /// let x = array![[0.3, -1.2], [2.0, 0.7]].into_dyn();
+    /// let w = array![[1.5], [-0.5]].into_dyn();
+    /// let report = GradCheck { rtol: 1e-4, ..GradCheck::default() }
+    ///     .run(|_, v| Ok(v[0].matmul(v[1])?.tanh()), &[x, w])
+    ///     .expect("matmul and tanh have correct gradients");
+    /// assert_eq!(report.checked, 6);
+    /// ```
+    pub fn run<F>(&self, f: F, inputs: &[ArrayD<f64>]) -> Result<GradCheckReport, GradCheckError>
+    where
+        F: for<'t> Fn(&'t Tape<f64>, &[Var<'t, f64>]) -> Result<Var<'t, f64>, TapeError>,
+    {
+        if inputs.is_empty() {
+            return Err(GradCheckError::NoInputs);
+        }
+        // Analytic gradients: one backward pass with random output weights.
+        let tape = Tape::new();
+        let vars: Vec<_> = inputs.iter().map(|x| tape.var(x.clone())).collect();
+        let output = f(&tape, &vars)?;
+        let output_shape = output.shape();
+        let weights = self.output_weights(&output_shape);
+        let grads = output.backward_with(weights.clone())?;
+        let analytic: Vec<ArrayD<f64>> = vars
+            .iter()
+            .zip(inputs)
+            .map(|(&v, x)| {
+                grads
+                    .get(v)
+                    .cloned()
+                    .unwrap_or_else(|| ArrayD::zeros(x.raw_dim()))
+            })
+            .collect();
+
+        // The loss L = sum(f(inputs) · w) at perturbed inputs.
+        let mut working: Vec<ArrayD<f64>> = inputs.to_vec();
+        let loss = |working: &[ArrayD<f64>]| -> Result<f64, GradCheckError> {
+            let tape = Tape::new();
+            let vars: Vec<_> = working.iter().map(|x| tape.var(x.clone())).collect();
+            let value = f(&tape, &vars)?.value();
+            if value.shape() != output_shape.as_slice() {
+                return Err(GradCheckError::OutputShapeChanged {
+                    expected: output_shape.clone(),
+                    got: value.shape().to_vec(),
+                });
+            }
+            Ok(value.iter().zip(weights.iter()).map(|(y, w)| y * w).sum())
+        };
+
+        let mut reports = Vec::with_capacity(inputs.len());
+        let mut worst: Option<(f64, GradCheckError)> = None;
+        let (mut checked, mut mismatches) = (0, 0);
+        for (input, grad) in analytic.iter().enumerate() {
+            let mut report = InputReport {
+                shape: grad.shape().to_vec(),
+                max_abs_error: 0.0,
+                worst_ratio: 0.0,
+            };
+            for (index, &analytic) in grad.indexed_iter() {
+                let original = working[input][&index];
+                working[input][&index] = original + self.step;
+                let plus = loss(&working)?;
+                working[input][&index] = original - self.step;
+                let minus = loss(&working)?;
+                working[input][&index] = original;
+
+                let numeric = (plus - minus) / (2.0 * self.step);
+                let difference = (analytic - numeric).abs();
+                let allowed = self.atol + self.rtol * numeric.abs();
+                // NaN anywhere makes the ratio NaN: treated as the worst possible.
+                let ratio = if (difference / allowed).is_nan() {
+                    f64::INFINITY
+                } else {
+                    difference / allowed
+                };
+                checked += 1;
+                report.max_abs_error = report.max_abs_error.max(difference);
+                report.worst_ratio = report.worst_ratio.max(ratio);
+                if ratio > 1.0 {
+                    mismatches += 1;
+                    if worst.as_ref().is_none_or(|(worst_ratio, _)| ratio > *worst_ratio) {
+                        let error = GradCheckError::Mismatch {
+                            input,
+                            index: index.slice().to_vec(),
+                            analytic,
+                            numeric,
+                            difference,
+                            allowed,
+                            mismatches: 0,
+                            checked: 0,
+                        };
+                        worst = Some((ratio, error));
+                    }
+                }
+            }
+            reports.push(report);
+        }
+        match worst {
+            Some((
+                _,
+                GradCheckError::Mismatch {
+                    input,
+                    index,
+                    analytic,
+                    numeric,
+                    difference,
+                    allowed,
+                    ..
+                },
+            )) => Err(GradCheckError::Mismatch {
+                input,
+                index,
+                analytic,
+                numeric,
+                difference,
+                allowed,
+                mismatches,
+                checked,
+            }),
+            Some((_, other)) => Err(other),
+            None => Ok(GradCheckReport {
+                inputs: reports,
+                checked,
+                config: *self,
+            }),
+        }
+    }
+
+    /// Random normal weights for a multi-element output, ones for a one-element output.
+    fn output_weights(&self, shape: &[usize]) -> ArrayD<f64> {
+        if shape.iter().product::<usize>() == 1 {
+            return ArrayD::ones(shape);
+        }
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        ArrayD::from_shape_simple_fn(shape, || StandardNormal.sample(&mut rng))
+    }
+}
+
+/// [`GradCheck::run`] with the default settings.
+///
+/// # Errors
+/// As [`GradCheck::run`].
+///
+/// # Example
+/// ```
+/// use ndarray::array;
+///
+/// let x = array![0.5, -1.0, 2.0].into_dyn();
+/// tape::check_gradients(|_, v| Ok(v[0].sigmoid() * v[0]), &[x]).expect("x·σ(x) checks out");
+/// ```
+pub fn check_gradients<F>(f: F, inputs: &[ArrayD<f64>]) -> Result<GradCheckReport, GradCheckError>
+where
+    F: for<'t> Fn(&'t Tape<f64>, &[Var<'t, f64>]) -> Result<Var<'t, f64>, TapeError>,
+{
+    GradCheck::default().run(f, inputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{ArrayD, ArrayViewD, array};
+
+    use super::*;
+    use crate::testing::uniform;
+    use crate::{BackwardArgs, Function};
+
+    /// `y = x²` with a backward that is right, or off by a chosen factor at one element.
+    struct Square {
+        wrong_factor_at_first: f64,
+    }
+
+    impl Function<f64> for Square {
+        fn name(&self) -> &str {
+            "square"
+        }
+        fn forward(&mut self, inputs: &[ArrayViewD<'_, f64>]) -> crate::Result<ArrayD<f64>> {
+            Ok(inputs[0].mapv(|x| x * x))
+        }
+        fn backward(&self, args: &BackwardArgs<'_, f64>) -> crate::Result<Vec<Option<ArrayD<f64>>>> {
+            let mut grad = &args.grad_output * &args.inputs[0].mapv(|x| 2.0 * x);
+            if let Some(first) = grad.iter_mut().next() {
+                *first *= self.wrong_factor_at_first;
+            }
+            Ok(vec![Some(grad)])
+        }
+    }
+
+    #[test]
+    fn a_correct_custom_op_passes_and_reports_its_error() {
+        let x = uniform(&[2, 3], 1);
+        let report = check_gradients(
+            |t, v| {
+                t.apply(
+                    Square {
+                        wrong_factor_at_first: 1.0,
+                    },
+                    v,
+                )
+            },
+            &[x],
+        )
+        .unwrap();
+        assert_eq!(report.checked, 6);
+        assert_eq!(report.inputs[0].shape, vec![2, 3]);
+        assert!(report.inputs[0].worst_ratio <= 1.0);
+        assert!(
+            report
+                .to_string()
+                .starts_with("gradient check passed: 6 elements")
+        );
+    }
+
+    #[test]
+    fn a_deliberately_wrong_backward_fails_and_the_error_names_it() {
+        let x = array![[0.5, -1.0, 1.5], [2.0, -0.7, 0.9]].into_dyn();
+        // A 1% error in one element of the gradient is enough to fail.
+        let error = check_gradients(
+            |t, v| {
+                t.apply(
+                    Square {
+                        wrong_factor_at_first: 1.01,
+                    },
+                    v,
+                )
+            },
+            &[x],
+        )
+        .unwrap_err();
+        let GradCheckError::Mismatch {
+            input,
+            ref index,
+            analytic,
+            numeric,
+            mismatches,
+            checked,
+            ..
+        } = error
+        else {
+            panic!("expected a mismatch, got {error}");
+        };
+        assert_eq!(
+            (input, index.as_slice(), mismatches, checked),
+            (0, &[0, 0][..], 1, 6)
+        );
+        // The upstream weight w is random, so compare the ratio, not the values.
+        approx::assert_relative_eq!(analytic / numeric, 1.01, max_relative = 1e-6);
+        let message = error.to_string();
+        assert!(
+            message.contains("input 0 at index [0, 0]") && message.contains("1 of 6"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_sign_error_is_caught_even_with_the_output_summed_by_random_weights() {
+        // The gradient of BatchNorm-like centring, x - mean(x), is zero under w = 1: the checker
+        // must use random weights to see that a backward that drops the mean term is wrong.
+        struct CentreWithoutMeanTerm;
+        impl Function<f64> for CentreWithoutMeanTerm {
+            fn name(&self) -> &str {
+                "centre"
+            }
+            fn forward(&mut self, inputs: &[ArrayViewD<'_, f64>]) -> crate::Result<ArrayD<f64>> {
+                let mean = inputs[0].mean().unwrap_or(0.0);
+                Ok(inputs[0].mapv(|x| x - mean))
+            }
+            fn backward(&self, args: &BackwardArgs<'_, f64>) -> crate::Result<Vec<Option<ArrayD<f64>>>> {
+                Ok(vec![Some(args.grad_output.to_owned())]) // wrong: forgets -mean(g)
+            }
+        }
+        let x = uniform(&[5], 4);
+        assert!(matches!(
+            check_gradients(|t, v| t.apply(CentreWithoutMeanTerm, v), &[x]),
+            Err(GradCheckError::Mismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn errors_of_the_function_and_empty_inputs_are_reported() {
+        assert!(matches!(
+            check_gradients(|_, v| Ok(v[0]), &[]),
+            Err(GradCheckError::NoInputs)
+        ));
+        let error = check_gradients(|_, v| v[0].reshape(&[7]), &[uniform(&[2, 3], 0)]).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                GradCheckError::Function(TapeError::Shape { op: "reshape", .. })
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn tolerances_are_applied_as_documented() {
+        // With rtol = atol = 0 even a correct gradient fails: the estimate has rounding error.
+        let strict = GradCheck {
+            atol: 0.0,
+            rtol: 0.0,
+            ..GradCheck::default()
+        };
+        let x = uniform(&[4], 5);
+        assert!(
+            strict
+                .run(|_, v| Ok(v[0].exp()), std::slice::from_ref(&x))
+                .is_err()
+        );
+        assert!(GradCheck::default().run(|_, v| Ok(v[0].exp()), &[x]).is_ok());
+    }
+}

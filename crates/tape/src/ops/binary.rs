@@ -1,0 +1,242 @@
+//! Elementwise `add`, `sub`, `mul`, `div` with NumPy broadcasting. The forward broadcasts both
+//! operands to a common shape; the backward computes the gradient at that shape and sums it back
+//! to each operand's shape with [`sum_to_shape`], the one shared helper.
+
+use ndarray::{ArrayD, ArrayViewD};
+
+use super::grad_if;
+use crate::{BackwardArgs, Element, Function, Result, Var, broadcast_shape, sum_to_shape};
+
+fn operands<'a, 'b, T: Element>(
+    inputs: &'a [ArrayViewD<'b, T>],
+) -> (&'a ArrayViewD<'b, T>, &'a ArrayViewD<'b, T>) {
+    (&inputs[0], &inputs[1])
+}
+
+/// `a + b`. Gradients: `∂/∂a = g`, `∂/∂b = g`.
+pub struct Add;
+
+impl<T: Element> Function<T> for Add {
+    fn name(&self) -> &str {
+        "add"
+    }
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        let (a, b) = operands(inputs);
+        broadcast_shape("add", a.shape(), b.shape())?;
+        Ok(a + b)
+    }
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        let (a, b) = operands(args.inputs);
+        let g = &args.grad_output;
+        Ok(vec![
+            grad_if(args.needs_grad[0], || sum_to_shape(g.to_owned(), a.shape())),
+            grad_if(args.needs_grad[1], || sum_to_shape(g.to_owned(), b.shape())),
+        ])
+    }
+}
+
+/// `a - b`. Gradients: `∂/∂a = g`, `∂/∂b = -g`.
+pub struct Sub;
+
+impl<T: Element> Function<T> for Sub {
+    fn name(&self) -> &str {
+        "sub"
+    }
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        let (a, b) = operands(inputs);
+        broadcast_shape("sub", a.shape(), b.shape())?;
+        Ok(a - b)
+    }
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        let (a, b) = operands(args.inputs);
+        let g = &args.grad_output;
+        Ok(vec![
+            grad_if(args.needs_grad[0], || sum_to_shape(g.to_owned(), a.shape())),
+            grad_if(args.needs_grad[1], || sum_to_shape(g.mapv(|g| -g), b.shape())),
+        ])
+    }
+}
+
+/// `a * b`. Gradients: `∂/∂a = g·b`, `∂/∂b = g·a`.
+pub struct Mul;
+
+impl<T: Element> Function<T> for Mul {
+    fn name(&self) -> &str {
+        "mul"
+    }
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        let (a, b) = operands(inputs);
+        broadcast_shape("mul", a.shape(), b.shape())?;
+        Ok(a * b)
+    }
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        let (a, b) = operands(args.inputs);
+        let g = &args.grad_output;
+        Ok(vec![
+            grad_if(args.needs_grad[0], || sum_to_shape(g * b, a.shape())),
+            grad_if(args.needs_grad[1], || sum_to_shape(g * a, b.shape())),
+        ])
+    }
+}
+
+/// `a / b`. Gradients: `∂/∂a = g / b`, `∂/∂b = -g·a / b² = -g·out / b`.
+pub struct Div;
+
+impl<T: Element> Function<T> for Div {
+    fn name(&self) -> &str {
+        "div"
+    }
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        let (a, b) = operands(inputs);
+        broadcast_shape("div", a.shape(), b.shape())?;
+        Ok(a / b)
+    }
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        let (a, b) = operands(args.inputs);
+        let g = &args.grad_output;
+        Ok(vec![
+            grad_if(args.needs_grad[0], || sum_to_shape(g / b, a.shape())),
+            grad_if(args.needs_grad[1], || {
+                let grad_b = -(g * &args.output) / b;
+                sum_to_shape(grad_b, b.shape())
+            }),
+        ])
+    }
+}
+
+impl<'t, T: Element> Var<'t, T> {
+    fn binary(self, op: impl Function<T>, name: &'static str, rhs: Var<'_, T>) -> Result<Var<'t, T>> {
+        self.same_tape(rhs, name)?;
+        self.tape.apply(op, &[self, rhs])
+    }
+
+    /// `self + rhs` with broadcasting.
+    ///
+    /// # Errors
+    /// [`TapeError::Broadcast`](crate::TapeError::Broadcast) when the shapes are incompatible,
+    /// [`TapeError::ForeignVar`](crate::TapeError::ForeignVar) when `rhs` is on another tape.
+    pub fn try_add(self, rhs: Var<'_, T>) -> Result<Var<'t, T>> {
+        self.binary(Add, "add", rhs)
+    }
+
+    /// `self - rhs` with broadcasting.
+    ///
+    /// # Errors
+    /// As [`try_add`](Var::try_add).
+    pub fn try_sub(self, rhs: Var<'_, T>) -> Result<Var<'t, T>> {
+        self.binary(Sub, "sub", rhs)
+    }
+
+    /// `self * rhs` (elementwise) with broadcasting.
+    ///
+    /// # Errors
+    /// As [`try_add`](Var::try_add).
+    pub fn try_mul(self, rhs: Var<'_, T>) -> Result<Var<'t, T>> {
+        self.binary(Mul, "mul", rhs)
+    }
+
+    /// `self / rhs` (elementwise) with broadcasting.
+    ///
+    /// # Errors
+    /// As [`try_add`](Var::try_add).
+    pub fn try_div(self, rhs: Var<'_, T>) -> Result<Var<'t, T>> {
+        self.binary(Div, "div", rhs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::array;
+
+    use crate::testing::{positive, uniform};
+    use crate::{Tape, TapeError, check_gradients};
+
+    /// Shape pairs covering equal shapes and broadcasting in both directions.
+    const SHAPES: [(&[usize], &[usize]); 5] = [
+        (&[3, 4], &[3, 4]),
+        (&[3, 4], &[4]),
+        (&[4], &[3, 4]),
+        (&[2, 1, 4], &[3, 1]),
+        (&[], &[2, 3]),
+    ];
+
+    #[test]
+    fn add_sub_mul_div_pass_the_gradient_checker_with_broadcasting() {
+        for (seed, (a, b)) in SHAPES.iter().enumerate() {
+            let x = uniform(a, seed as u64);
+            let y = uniform(b, 100 + seed as u64);
+            let y_positive = positive(b, 200 + seed as u64);
+            check_gradients(|_, v| v[0].try_add(v[1]), &[x.clone(), y.clone()]).unwrap();
+            check_gradients(|_, v| v[0].try_sub(v[1]), &[x.clone(), y.clone()]).unwrap();
+            check_gradients(|_, v| v[0].try_mul(v[1]), &[x.clone(), y.clone()]).unwrap();
+            check_gradients(|_, v| v[0].try_div(v[1]), &[x.clone(), y_positive]).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_var_used_twice_accumulates_its_gradient() {
+        let x = uniform(&[5], 7);
+        // x·x + x/x·x - x: every path into x contributes.
+        check_gradients(
+            |_, v| Ok(v[0] * v[0] + v[0] / (v[0] * v[0] + 1.0) - v[0]),
+            std::slice::from_ref(&x),
+        )
+        .unwrap();
+        let tape = Tape::new();
+        let v = tape.var(x.clone());
+        let grads = (v * v + v).sum().backward().unwrap();
+        assert_eq!(grads.wrt(v).unwrap(), &x.mapv(|x| 2.0 * x + 1.0));
+    }
+
+    #[test]
+    fn forward_matches_ndarray_in_f32() {
+        let tape = Tape::<f32>::new();
+        let a = tape.var(array![[1.0f32, 2.0], [3.0, 4.0]]);
+        let b = tape.constant(array![10.0f32, 20.0]);
+        assert_eq!(*(a + b).value(), array![[11.0f32, 22.0], [13.0, 24.0]].into_dyn());
+        assert_eq!(
+            *(a - b).value(),
+            array![[-9.0f32, -18.0], [-7.0, -16.0]].into_dyn()
+        );
+        assert_eq!(*(a * b).value(), array![[10.0f32, 40.0], [30.0, 80.0]].into_dyn());
+        assert_eq!(*(a / b).value(), array![[0.1f32, 0.1], [0.3, 0.2]].into_dyn());
+        let grads = (a * b).sum().backward().unwrap();
+        assert_eq!(
+            grads.wrt(a).unwrap(),
+            &array![[10.0f32, 20.0], [10.0, 20.0]].into_dyn()
+        );
+        assert!(grads.get(b).is_none(), "constants get no gradient");
+    }
+
+    #[test]
+    fn incompatible_shapes_are_an_error_with_both_shapes() {
+        let tape = Tape::<f64>::new();
+        let a = tape.var(uniform(&[2, 3], 0));
+        let b = tape.var(uniform(&[4], 1));
+        let error = a.try_mul(b).unwrap_err();
+        assert!(matches!(error, TapeError::Broadcast { op: "mul", .. }));
+        assert_eq!(
+            error.to_string(),
+            "mul: shapes [2, 3] and [4] cannot be broadcast together (each trailing axis must be equal or 1)"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "add: shapes [2, 3] and [4] cannot be broadcast")]
+    fn the_operator_panics_with_the_same_message() {
+        let tape = Tape::<f64>::new();
+        let _ = tape.var(uniform(&[2, 3], 0)) + tape.var(uniform(&[4], 1));
+    }
+
+    #[test]
+    fn a_var_of_another_tape_is_an_error() {
+        let first = Tape::<f64>::new();
+        let second = Tape::<f64>::new();
+        let a = first.var(uniform(&[2], 0));
+        let b = second.var(uniform(&[2], 1));
+        assert!(matches!(a.try_add(b), Err(TapeError::ForeignVar { op: "add" })));
+        assert!(matches!(first.backward(b), Err(TapeError::ForeignVar { .. })));
+        let grads = (a * a).sum().backward().unwrap();
+        assert!(matches!(grads.wrt(b), Err(TapeError::ForeignVar { .. })));
+    }
+}

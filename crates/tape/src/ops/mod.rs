@@ -1,0 +1,36 @@
+//! The primitive ops. Each is a small type implementing [`Function`](crate::Function), the same
+//! public API a custom op uses, with its forward and its backward side by side, followed by the
+//! `Var` methods that record it.
+//!
+//! | module | ops |
+//! |---|---|
+//! | [`binary`] | `add`, `sub`, `mul`, `div` with NumPy broadcasting |
+//! | [`unary`] | `neg`, `exp`, `ln`, `sqrt`, `powf`, `powi`, `abs`, `relu`, `sigmoid`, `tanh`, scalar `+` and `*` |
+//! | [`reduce`] | `sum`, `mean` over chosen axes or everything, `max` over an axis |
+//! | [`shape`] | `reshape`, `broadcast_to`, `transpose` |
+//! | [`matmul`] | 2-D matrix product |
+//! | [`operators`] | `+ - * /` and unary `-` on `Var`s and scalars |
+
+pub mod binary;
+pub mod matmul;
+pub mod operators;
+pub mod reduce;
+pub mod shape;
+pub mod unary;
+
+use ndarray::ArrayD;
+
+use crate::Result;
+
+/// `Some(compute())` when the gradient is needed, `None` otherwise (the work is skipped).
+pub(crate) fn grad_if<T>(needed: bool, compute: impl FnOnce() -> ArrayD<T>) -> Option<ArrayD<T>> {
+    needed.then(compute)
+}
+
+/// For ops whose forward cannot fail (elementwise ops on one input of the same tape).
+pub(crate) fn infallible<T>(result: Result<T>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(error) => panic!("internal error: an infallible op failed: {error}"),
+    }
+}

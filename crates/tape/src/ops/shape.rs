@@ -1,0 +1,189 @@
+//! Ops that move values without changing them: `reshape`, `broadcast_to`, `transpose`.
+//! Their backward moves the gradient back: reshape it back, sum it back, transpose it back.
+
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+
+use super::grad_if;
+use crate::{BackwardArgs, Element, Function, Result, TapeError, Var, sum_to_shape};
+
+/// Row-major reshape to `shape`. Backward: reshape the gradient to the input's shape.
+pub struct Reshape {
+    shape: Vec<usize>,
+}
+
+impl<T: Element> Function<T> for Reshape {
+    fn name(&self) -> &str {
+        "reshape"
+    }
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        let x = &inputs[0];
+        let count: usize = self.shape.iter().product();
+        if count != x.len() {
+            return Err(TapeError::Shape {
+                op: "reshape",
+                what: "the input",
+                expected: format!("{count} elements to reshape to {:?}", self.shape),
+                got: x.shape().to_vec(),
+            });
+        }
+        Ok(reshaped(x, &self.shape))
+    }
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        Ok(vec![grad_if(args.needs_grad[0], || {
+            reshaped(&args.grad_output, args.inputs[0].shape())
+        })])
+    }
+}
+
+fn reshaped<T: Element>(x: &ArrayViewD<'_, T>, shape: &[usize]) -> ArrayD<T> {
+    x.to_shape(IxDyn(shape))
+        .unwrap_or_else(|_| unreachable!("element counts were checked"))
+        .into_owned()
+}
+
+/// Broadcast (NumPy rules) to `shape`. Backward: sum the gradient back with [`sum_to_shape`].
+pub struct BroadcastTo {
+    shape: Vec<usize>,
+}
+
+impl<T: Element> Function<T> for BroadcastTo {
+    fn name(&self) -> &str {
+        "broadcast_to"
+    }
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        let x = &inputs[0];
+        match x.broadcast(IxDyn(&self.shape)) {
+            Some(view) => Ok(view.to_owned()),
+            None => Err(TapeError::Shape {
+                op: "broadcast_to",
+                what: "the input",
+                expected: format!("a shape that broadcasts to {:?}", self.shape),
+                got: x.shape().to_vec(),
+            }),
+        }
+    }
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        Ok(vec![grad_if(args.needs_grad[0], || {
+            sum_to_shape(args.grad_output.to_owned(), args.inputs[0].shape())
+        })])
+    }
+}
+
+/// Transpose of a 2-D value. Backward: transpose the gradient.
+pub struct Transpose;
+
+impl<T: Element> Function<T> for Transpose {
+    fn name(&self) -> &str {
+        "transpose"
+    }
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        let x = &inputs[0];
+        if x.ndim() != 2 {
+            return Err(TapeError::Shape {
+                op: "transpose",
+                what: "the input",
+                expected: "a 2-D array".into(),
+                got: x.shape().to_vec(),
+            });
+        }
+        Ok(x.t().as_standard_layout().into_owned())
+    }
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        Ok(vec![grad_if(args.needs_grad[0], || {
+            args.grad_output.t().as_standard_layout().into_owned()
+        })])
+    }
+}
+
+impl<'t, T: Element> Var<'t, T> {
+    /// Row-major reshape.
+    ///
+    /// # Errors
+    /// [`TapeError::Shape`] if `shape` does not have the same number of elements.
+    pub fn reshape(self, shape: &[usize]) -> Result<Var<'t, T>> {
+        self.tape.apply(
+            Reshape {
+                shape: shape.to_vec(),
+            },
+            &[self],
+        )
+    }
+
+    /// Broadcast to `shape` (NumPy rules), copying.
+    ///
+    /// # Errors
+    /// [`TapeError::Shape`] if the value does not broadcast to `shape`.
+    pub fn broadcast_to(self, shape: &[usize]) -> Result<Var<'t, T>> {
+        self.tape.apply(
+            BroadcastTo {
+                shape: shape.to_vec(),
+            },
+            &[self],
+        )
+    }
+
+    /// Transpose of a 2-D value.
+    ///
+    /// # Errors
+    /// [`TapeError::Shape`] if the value is not 2-D.
+    pub fn transpose(self) -> Result<Var<'t, T>> {
+        self.tape.apply(Transpose, &[self])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::array;
+
+    use crate::testing::uniform;
+    use crate::{Tape, TapeError, check_gradients};
+
+    #[test]
+    fn shape_ops_pass_the_gradient_checker() {
+        let x = uniform(&[2, 6], 1);
+        check_gradients(|_, v| v[0].reshape(&[3, 2, 2]), std::slice::from_ref(&x)).unwrap();
+        check_gradients(|_, v| v[0].transpose(), std::slice::from_ref(&x)).unwrap();
+        check_gradients(|_, v| v[0].broadcast_to(&[4, 2, 6]), &[x]).unwrap();
+        check_gradients(|_, v| v[0].broadcast_to(&[3, 5]), &[uniform(&[3, 1], 2)]).unwrap();
+        // A transposed value flows on correctly through a reshape (a non-contiguous input).
+        check_gradients(|_, v| v[0].transpose()?.reshape(&[12]), &[uniform(&[3, 4], 3)]).unwrap();
+    }
+
+    #[test]
+    fn values_move_as_numpy_moves_them() {
+        let tape = Tape::<f32>::new();
+        let x = tape.var(array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]]);
+        assert_eq!(
+            *x.transpose().unwrap().value(),
+            array![[1.0f32, 4.0], [2.0, 5.0], [3.0, 6.0]].into_dyn()
+        );
+        assert_eq!(
+            *x.reshape(&[3, 2]).unwrap().value(),
+            array![[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]].into_dyn()
+        );
+        let row = tape.var(array![1.0f32, 2.0]);
+        assert_eq!(
+            *row.broadcast_to(&[2, 2]).unwrap().value(),
+            array![[1.0f32, 2.0], [1.0, 2.0]].into_dyn()
+        );
+    }
+
+    #[test]
+    fn shape_errors_say_expected_and_got() {
+        let tape = Tape::<f64>::new();
+        let x = tape.var(uniform(&[2, 3], 0));
+        assert_eq!(
+            x.reshape(&[4, 2]).unwrap_err().to_string(),
+            "reshape: the input has shape [2, 3], expected 8 elements to reshape to [4, 2]"
+        );
+        assert_eq!(
+            x.broadcast_to(&[3, 3]).unwrap_err().to_string(),
+            "broadcast_to: the input has shape [2, 3], expected a shape that broadcasts to [3, 3]"
+        );
+        let cube = tape.var(uniform(&[2, 2, 2], 0));
+        assert!(matches!(
+            cube.transpose(),
+            Err(TapeError::Shape { op: "transpose", .. })
+        ));
+    }
+}

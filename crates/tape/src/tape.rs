@@ -1,0 +1,551 @@
+//! The tape: a list of nodes in creation order (which is a topological order of the graph), the
+//! `Var` handles that point into it, and the reverse walk that computes gradients.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ndarray::{Array, ArrayD, ArrayViewD, Dimension, Zip};
+
+use crate::{BackwardArgs, Element, Function, Result, TapeError};
+
+/// Each tape gets a distinct id, so a `Var` used with the wrong tape is caught.
+static NEXT_TAPE_ID: AtomicU64 = AtomicU64::new(0);
+
+/// What a node is: a leaf (trainable or constant) or the result of an op on earlier nodes.
+enum NodeKind<T: Element> {
+    Variable,
+    Constant,
+    Op {
+        op: Box<dyn Function<T>>,
+        inputs: Vec<usize>,
+    },
+}
+
+struct Node<T: Element> {
+    value: Rc<ArrayD<T>>,
+    kind: NodeKind<T>,
+    /// True when some trainable variable reaches this node: only these get gradients.
+    requires_grad: bool,
+}
+
+/// A record of operations on `ndarray` arrays, differentiated in reverse mode.
+///
+/// Create leaves with [`var`](Tape::var) (trainable: gets a gradient) and
+/// [`constant`](Tape::constant) (no gradient), combine the returned [`Var`]s with operators and
+/// methods, then call [`backward`](Tape::backward) on a scalar result. Nodes are appended in
+/// creation order, so walking the list backwards visits every node after all its consumers.
+///
+/// A tape is single-threaded and meant to live for one forward and backward pass (one training
+/// step); make a new one for the next step.
+///
+/// # Example
+/// ```
+/// use ndarray::array;
+/// use tape::Tape;
+///
+/// let tape = Tape::new();
+/// let x = tape.var(array![1.0, 2.0, 3.0]);
+/// let w = tape.constant(array![0.5, -1.0, 2.0]);
+/// let loss = (x * w + 1.0).sum(); // sum(w * x + 1)
+/// let grads = loss.backward()?;
+/// assert_eq!(loss.scalar(), 0.5 - 2.0 + 6.0 + 3.0);
+/// assert_eq!(grads.wrt(x)?, &array![0.5, -1.0, 2.0].into_dyn());
+/// # Ok::<(), tape::TapeError>(())
+/// ```
+pub struct Tape<T: Element> {
+    id: u64,
+    nodes: RefCell<Vec<Node<T>>>,
+}
+
+impl<T: Element> Default for Tape<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Element> fmt::Debug for Tape<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tape")
+            .field("id", &self.id)
+            .field("dtype", &T::NAME)
+            .field("nodes", &self.len())
+            .finish()
+    }
+}
+
+impl<T: Element> Tape<T> {
+    /// An empty tape.
+    pub fn new() -> Self {
+        Tape {
+            id: NEXT_TAPE_ID.fetch_add(1, Ordering::Relaxed),
+            nodes: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Number of nodes recorded so far.
+    pub fn len(&self) -> usize {
+        self.nodes.borrow().len()
+    }
+
+    /// True when nothing has been recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A trainable leaf: [`backward`](Tape::backward) computes its gradient.
+    /// Accepts an array of any dimension (`Array1`, `Array2`, `ArrayD`, ...).
+    pub fn var<D: Dimension>(&self, value: Array<T, D>) -> Var<'_, T> {
+        self.push(value.into_dyn(), NodeKind::Variable, true)
+    }
+
+    /// A constant leaf: it takes part in the computation but gets no gradient.
+    pub fn constant<D: Dimension>(&self, value: Array<T, D>) -> Var<'_, T> {
+        self.push(value.into_dyn(), NodeKind::Constant, false)
+    }
+
+    /// A rank-0 constant.
+    pub fn scalar(&self, value: T) -> Var<'_, T> {
+        self.constant(ndarray::arr0(value))
+    }
+
+    /// Records `op` applied to `inputs`: runs its forward now and its backward during
+    /// [`backward`](Tape::backward). This is the custom-op API; see [`Function`].
+    ///
+    /// # Errors
+    /// [`TapeError::ForeignVar`] if an input belongs to another tape, or whatever the op's
+    /// forward returns.
+    pub fn apply<F: Function<T>>(&self, mut op: F, inputs: &[Var<'_, T>]) -> Result<Var<'_, T>> {
+        let mut indices = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            if input.tape.id != self.id {
+                return Err(TapeError::ForeignVar { op: "apply" });
+            }
+            indices.push(input.index);
+        }
+        // Clone the Rc handles so the node list is not borrowed while the op runs.
+        let (values, requires_grad): (Vec<Rc<ArrayD<T>>>, bool) = {
+            let nodes = self.nodes.borrow();
+            (
+                indices.iter().map(|&i| Rc::clone(&nodes[i].value)).collect(),
+                indices.iter().any(|&i| nodes[i].requires_grad),
+            )
+        };
+        let views: Vec<ArrayViewD<'_, T>> = values.iter().map(|v| v.view()).collect();
+        let output = op.forward(&views)?;
+        let kind = NodeKind::Op {
+            op: Box::new(op),
+            inputs: indices,
+        };
+        Ok(self.push(output, kind, requires_grad))
+    }
+
+    fn push(&self, value: ArrayD<T>, kind: NodeKind<T>, requires_grad: bool) -> Var<'_, T> {
+        let mut nodes = self.nodes.borrow_mut();
+        nodes.push(Node {
+            value: Rc::new(value),
+            kind,
+            requires_grad,
+        });
+        Var {
+            tape: self,
+            index: nodes.len() - 1,
+        }
+    }
+
+    /// Bytes the tape keeps for backward beyond its leaves: the value of every op node, plus
+    /// each op's own saved state ([`Function::saved_bytes`]). This is the memory a graph costs
+    /// between forward and backward, and what a fused op saves over its composition.
+    pub fn saved_bytes(&self) -> usize {
+        let element = std::mem::size_of::<T>();
+        self.nodes
+            .borrow()
+            .iter()
+            .map(|node| match &node.kind {
+                NodeKind::Op { op, .. } => node.value.len() * element + op.saved_bytes(),
+                NodeKind::Variable | NodeKind::Constant => 0,
+            })
+            .sum()
+    }
+
+    /// Gradients of a scalar (one-element) `output` with respect to every node that needs one.
+    ///
+    /// # Errors
+    /// [`TapeError::NonScalarOutput`] if `output` has more than one element (use
+    /// [`backward_with`](Tape::backward_with)), [`TapeError::ForeignVar`] if it belongs to
+    /// another tape, or an error from an op's backward.
+    pub fn backward(&self, output: Var<'_, T>) -> Result<Gradients<T>> {
+        let shape = self.shape_of(output, "backward")?;
+        if shape.iter().product::<usize>() != 1 {
+            return Err(TapeError::NonScalarOutput { shape });
+        }
+        self.backward_with(output, ArrayD::from_elem(shape, T::one()))
+    }
+
+    /// Gradients of any `output` given the upstream gradient `grad_output` (the gradient of some
+    /// loss with respect to `output`, same shape). Gradients accumulate where a value is used
+    /// more than once.
+    ///
+    /// # Errors
+    /// [`TapeError::GradientShape`] if `grad_output` does not have `output`'s shape,
+    /// [`TapeError::ForeignVar`], or an error from an op's backward.
+    pub fn backward_with<D: Dimension>(
+        &self,
+        output: Var<'_, T>,
+        grad_output: Array<T, D>,
+    ) -> Result<Gradients<T>> {
+        let shape = self.shape_of(output, "backward_with")?;
+        let grad_output = grad_output.into_dyn();
+        if grad_output.shape() != shape.as_slice() {
+            return Err(TapeError::GradientShape {
+                op: "backward_with".into(),
+                what: "the output".into(),
+                expected: shape,
+                got: grad_output.shape().to_vec(),
+            });
+        }
+        let nodes = self.nodes.borrow();
+        let mut grads: Vec<Option<ArrayD<T>>> = vec![None; output.index + 1];
+        if nodes[output.index].requires_grad {
+            grads[output.index] = Some(grad_output);
+        }
+        for index in (0..=output.index).rev() {
+            let node = &nodes[index];
+            let NodeKind::Op { op, inputs } = &node.kind else {
+                continue;
+            };
+            let Some(grad) = grads[index].take() else {
+                continue;
+            };
+            let needs_grad: Vec<bool> = inputs.iter().map(|&i| nodes[i].requires_grad).collect();
+            let input_values: Vec<ArrayViewD<'_, T>> =
+                inputs.iter().map(|&i| nodes[i].value.view()).collect();
+            let input_grads = op.backward(&BackwardArgs {
+                inputs: &input_values,
+                output: node.value.view(),
+                grad_output: grad.view(),
+                needs_grad: &needs_grad,
+            })?;
+            grads[index] = Some(grad);
+            if input_grads.len() != inputs.len() {
+                return Err(TapeError::GradientCount {
+                    op: op.name().to_string(),
+                    expected: inputs.len(),
+                    got: input_grads.len(),
+                });
+            }
+            for (position, (&input, input_grad)) in inputs.iter().zip(input_grads).enumerate() {
+                let Some(input_grad) = input_grad.filter(|_| needs_grad[position]) else {
+                    continue;
+                };
+                if input_grad.shape() != nodes[input].value.shape() {
+                    return Err(TapeError::GradientShape {
+                        op: op.name().to_string(),
+                        what: format!("input {position}"),
+                        expected: nodes[input].value.shape().to_vec(),
+                        got: input_grad.shape().to_vec(),
+                    });
+                }
+                accumulate(&mut grads[input], input_grad);
+            }
+        }
+        Ok(Gradients {
+            tape_id: self.id,
+            grads,
+        })
+    }
+
+    fn shape_of(&self, var: Var<'_, T>, op: &'static str) -> Result<Vec<usize>> {
+        if var.tape.id != self.id {
+            return Err(TapeError::ForeignVar { op });
+        }
+        Ok(self.nodes.borrow()[var.index].value.shape().to_vec())
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn value_of(&self, index: usize) -> Rc<ArrayD<T>> {
+        Rc::clone(&self.nodes.borrow()[index].value)
+    }
+
+    pub(crate) fn requires_grad_of(&self, index: usize) -> bool {
+        self.nodes.borrow()[index].requires_grad
+    }
+
+    /// The op name and input indices of every node, for drawing the graph.
+    pub(crate) fn for_each_node(&self, mut visit: impl FnMut(usize, NodeInfo<'_>, &ArrayD<T>)) {
+        for (index, node) in self.nodes.borrow().iter().enumerate() {
+            let info = match &node.kind {
+                NodeKind::Variable => NodeInfo::Variable,
+                NodeKind::Constant => NodeInfo::Constant,
+                NodeKind::Op { op, inputs } => NodeInfo::Op {
+                    name: op.name(),
+                    inputs,
+                },
+            };
+            visit(index, info, &node.value);
+        }
+    }
+}
+
+/// What a node is, as seen from outside the tape.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum NodeInfo<'a> {
+    Variable,
+    Constant,
+    Op { name: &'a str, inputs: &'a [usize] },
+}
+
+/// Adds `grad` into the slot, taking it as is when the slot is empty.
+fn accumulate<T: Element>(slot: &mut Option<ArrayD<T>>, grad: ArrayD<T>) {
+    match slot {
+        Some(existing) => Zip::from(existing).and(&grad).for_each(|e, &g| *e = *e + g),
+        None => *slot = Some(grad),
+    }
+}
+
+/// A handle to a value on a [`Tape`]: cheap to copy, combined with `+ - * /`, unary `-` and the
+/// op methods. The operators panic on shape errors; every fallible op also has a form that
+/// returns [`Result`] (`try_add`, `sum_axes`, `matmul`, ...).
+#[derive(Clone, Copy)]
+pub struct Var<'t, T: Element> {
+    pub(crate) tape: &'t Tape<T>,
+    pub(crate) index: usize,
+}
+
+impl<T: Element> fmt::Debug for Var<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Var")
+            .field("tape", &self.tape.id)
+            .field("index", &self.index)
+            .field("shape", &self.shape())
+            .finish()
+    }
+}
+
+impl<'t, T: Element> Var<'t, T> {
+    /// The tape this variable lives on.
+    pub fn tape(&self) -> &'t Tape<T> {
+        self.tape
+    }
+
+    /// Position of this node on its tape (creation order).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The value (shared, not copied).
+    pub fn value(&self) -> Rc<ArrayD<T>> {
+        self.tape.value_of(self.index)
+    }
+
+    /// The shape of the value.
+    pub fn shape(&self) -> Vec<usize> {
+        self.value().shape().to_vec()
+    }
+
+    /// The first element of the value: the number itself for a scalar result such as a loss.
+    ///
+    /// # Panics
+    /// If the value is empty.
+    pub fn scalar(&self) -> T {
+        let value = self.value();
+        match value.iter().next() {
+            Some(&first) => first,
+            None => panic!("scalar() on an empty Var of shape {:?}", value.shape()),
+        }
+    }
+
+    /// Whether backward will compute a gradient for this node.
+    pub fn requires_grad(&self) -> bool {
+        self.tape.requires_grad_of(self.index)
+    }
+
+    /// Gradients of this scalar output; see [`Tape::backward`].
+    ///
+    /// # Errors
+    /// As [`Tape::backward`].
+    pub fn backward(self) -> Result<Gradients<T>> {
+        self.tape.backward(self)
+    }
+
+    /// Gradients of this output given its upstream gradient; see [`Tape::backward_with`].
+    ///
+    /// # Errors
+    /// As [`Tape::backward_with`].
+    pub fn backward_with<D: Dimension>(self, grad_output: Array<T, D>) -> Result<Gradients<T>> {
+        self.tape.backward_with(self, grad_output)
+    }
+
+    /// Checks that `other` is on the same tape, for binary ops.
+    pub(crate) fn same_tape(self, other: Var<'_, T>, op: &'static str) -> Result<()> {
+        if self.tape.id() == other.tape.id() {
+            Ok(())
+        } else {
+            Err(TapeError::ForeignVar { op })
+        }
+    }
+}
+
+/// The gradients computed by one backward pass, read per [`Var`].
+///
+/// Every node that the output depends on and that depends on a trainable variable has a
+/// gradient: leaves and intermediate results alike (so a learner can inspect each step).
+#[derive(Debug, Clone)]
+pub struct Gradients<T: Element> {
+    tape_id: u64,
+    grads: Vec<Option<ArrayD<T>>>,
+}
+
+impl<T: Element> Gradients<T> {
+    /// The gradient of the output with respect to `var`, or `None` when it has none (a constant,
+    /// a value the output does not depend on, or a `Var` of another tape).
+    pub fn get(&self, var: Var<'_, T>) -> Option<&ArrayD<T>> {
+        if var.tape.id() != self.tape_id {
+            return None;
+        }
+        self.grads.get(var.index).and_then(Option::as_ref)
+    }
+
+    /// The gradient with respect to `var`.
+    ///
+    /// # Errors
+    /// [`TapeError::ForeignVar`] for a `Var` of another tape, [`TapeError::NoGradient`] when
+    /// it has none.
+    pub fn wrt(&self, var: Var<'_, T>) -> Result<&ArrayD<T>> {
+        if var.tape.id() != self.tape_id {
+            return Err(TapeError::ForeignVar { op: "Gradients::wrt" });
+        }
+        self.get(var).ok_or(TapeError::NoGradient { index: var.index })
+    }
+
+    /// Takes the gradient out (no copy), leaving `None`; for optimizers.
+    pub fn take(&mut self, var: Var<'_, T>) -> Option<ArrayD<T>> {
+        if var.tape.id() != self.tape_id {
+            return None;
+        }
+        self.grads.get_mut(var.index).and_then(Option::take)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{ArrayD, ArrayViewD, array};
+
+    use crate::{BackwardArgs, Function, Result, Tape, TapeError};
+
+    #[test]
+    fn backward_needs_a_scalar_or_an_upstream_gradient() {
+        let tape = Tape::<f64>::new();
+        let x = tape.var(array![1.0, 2.0]);
+        let y = x * x;
+        assert_eq!(
+            y.backward().unwrap_err().to_string(),
+            "backward() needs a scalar (one-element) output, got shape [2]; use backward_with(grad) to give an upstream gradient"
+        );
+        let grads = y.backward_with(array![3.0, -1.0]).unwrap();
+        assert_eq!(grads.wrt(x).unwrap(), &array![6.0, -4.0].into_dyn());
+        assert!(matches!(
+            y.backward_with(array![1.0, 2.0, 3.0]),
+            Err(TapeError::GradientShape { expected, got, .. }) if expected == vec![2] && got == vec![3]
+        ));
+    }
+
+    #[test]
+    fn intermediate_nodes_keep_their_gradients_and_unused_vars_have_none() {
+        let tape = Tape::<f64>::new();
+        let x = tape.var(array![1.0, -2.0]);
+        let unused = tape.var(array![5.0]);
+        let c = tape.constant(array![2.0, 2.0]);
+        let h = x * c;
+        let loss = h.sum();
+        let grads = loss.backward().unwrap();
+        assert_eq!(grads.wrt(h).unwrap(), &array![1.0, 1.0].into_dyn());
+        assert_eq!(grads.wrt(x).unwrap(), &array![2.0, 2.0].into_dyn());
+        assert!(matches!(grads.wrt(unused), Err(TapeError::NoGradient { .. })));
+        assert!(grads.get(c).is_none());
+        assert!(!c.requires_grad() && h.requires_grad());
+    }
+
+    #[test]
+    fn saved_bytes_counts_op_values_not_leaves() {
+        let tape = Tape::<f32>::new();
+        let x = tape.var(ArrayD::<f32>::zeros(vec![10, 4]));
+        assert_eq!(tape.saved_bytes(), 0);
+        let _ = (x * x).sum();
+        assert_eq!(tape.saved_bytes(), 40 * 4 + 4);
+    }
+
+    /// A custom op whose backward breaks the contract in a chosen way.
+    struct Broken {
+        gradients: usize,
+        shape: Vec<usize>,
+    }
+
+    impl Function<f64> for Broken {
+        fn name(&self) -> &str {
+            "broken"
+        }
+        fn forward(&mut self, inputs: &[ArrayViewD<'_, f64>]) -> Result<ArrayD<f64>> {
+            Ok(inputs[0].to_owned())
+        }
+        fn backward(&self, _: &BackwardArgs<'_, f64>) -> Result<Vec<Option<ArrayD<f64>>>> {
+            Ok(vec![Some(ArrayD::zeros(self.shape.clone())); self.gradients])
+        }
+    }
+
+    #[test]
+    fn a_custom_op_returning_bad_gradients_is_caught() {
+        let tape = Tape::<f64>::new();
+        let x = tape.var(array![1.0, 2.0]);
+        let y = tape
+            .apply(
+                Broken {
+                    gradients: 2,
+                    shape: vec![2],
+                },
+                &[x],
+            )
+            .unwrap();
+        assert_eq!(
+            y.sum().backward().unwrap_err().to_string(),
+            "broken: backward returned 2 gradients, expected 1 (one per input, None where not needed)"
+        );
+        let y = tape
+            .apply(
+                Broken {
+                    gradients: 1,
+                    shape: vec![3],
+                },
+                &[x],
+            )
+            .unwrap();
+        assert_eq!(
+            y.sum().backward().unwrap_err().to_string(),
+            "broken: gradient for input 0 has shape [3], expected [2]"
+        );
+    }
+
+    #[test]
+    fn the_graph_draws_in_dot() {
+        let tape = Tape::<f64>::new();
+        let x = tape.var(array![1.0, 2.0]);
+        let c = tape.constant(array![3.0, 4.0]);
+        let _ = (x * c).sum();
+        let dot = tape.to_dot();
+        for needle in [
+            "#0 var\\n[2]",
+            "#1 const",
+            "#2 mul\\n[2]",
+            "#3 sum\\n[]",
+            "n0 -> n2",
+            "n1 -> n2",
+            "n2 -> n3",
+        ] {
+            assert!(dot.contains(needle), "{needle} missing from\n{dot}");
+        }
+    }
+}
