@@ -2,6 +2,8 @@
 //! Normalization node ([`layers`]). This root package re-exports both and owns the examples
 //! and the cross-crate tests.
 
+pub mod golden;
+
 pub use layers;
 pub use tape;
 

@@ -1,1 +1,19 @@
 //! Batch Normalization as one fused tape node, and the layers a small net needs.
+//!
+//! - [`batchnorm_forward`] / [`batchnorm_backward`]: the seed task's functions, on arrays.
+//! - [`batch_norm`]: one fused node on a [`tape::Tape`], with a hand-written backward;
+//!   [`batch_norm_composed`]: the same from tape primitives, to check it against.
+//! - [`BatchNorm`]: the layer, with running statistics and PyTorch's semantics.
+//!
+//! See the [`batch_norm`](mod@batch_norm) module for the derivation and the conventions.
+
+pub mod batch_norm;
+mod error;
+mod param;
+
+pub use batch_norm::{
+    BatchNorm, BatchNormCache, BatchNormGrads, BatchNormNode, Mode, StateDict, batch_norm,
+    batch_norm_composed, batchnorm_backward, batchnorm_forward,
+};
+pub use error::{Error, Result};
+pub use param::Parameter;

@@ -41,7 +41,7 @@ pub use element::Element;
 pub use error::{Result, TapeError};
 pub use function::{BackwardArgs, Function};
 pub use gradcheck::{GradCheck, GradCheckError, GradCheckReport, InputReport, check_gradients};
-pub use tape::{Gradients, Tape, Var};
+pub use tape::{Gradients, Tape, Var, VarId};
 
 #[cfg(test)]
 pub(crate) mod testing {

@@ -110,6 +110,14 @@ impl<T: Element> Tape<T> {
         self.constant(ndarray::arr0(value))
     }
 
+    /// The `Var` with this identity, if it belongs to this tape.
+    pub fn get(&self, id: VarId) -> Option<Var<'_, T>> {
+        (id.tape == self.id && id.index < self.len()).then_some(Var {
+            tape: self,
+            index: id.index,
+        })
+    }
+
     /// Records `op` applied to `inputs`: runs its forward now and its backward during
     /// [`backward`](Tape::backward). This is the custom-op API; see [`Function`].
     ///
@@ -307,6 +315,14 @@ fn accumulate<T: Element>(slot: &mut Option<ArrayD<T>>, grad: ArrayD<T>) {
     }
 }
 
+/// A `Var`'s identity without the borrow of its tape: which tape, which node. Layers keep it to
+/// find their parameters' gradients after backward ([`Gradients::get_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VarId {
+    tape: u64,
+    index: usize,
+}
+
 /// A handle to a value on a [`Tape`]: cheap to copy, combined with `+ - * /`, unary `-` and the
 /// op methods. The operators panic on shape errors; every fallible op also has a form that
 /// returns [`Result`] (`try_add`, `sum_axes`, `matmul`, ...).
@@ -335,6 +351,14 @@ impl<'t, T: Element> Var<'t, T> {
     /// Position of this node on its tape (creation order).
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// This variable's identity, to look it up later with [`Tape::get`] or [`Gradients::get_id`].
+    pub fn id(&self) -> VarId {
+        VarId {
+            tape: self.tape.id,
+            index: self.index,
+        }
     }
 
     /// The value (shared, not copied).
@@ -422,6 +446,14 @@ impl<T: Element> Gradients<T> {
         self.get(var).ok_or(TapeError::NoGradient { index: var.index })
     }
 
+    /// The gradient of the variable with this identity; see [`get`](Gradients::get).
+    pub fn get_id(&self, id: VarId) -> Option<&ArrayD<T>> {
+        if id.tape != self.tape_id {
+            return None;
+        }
+        self.grads.get(id.index).and_then(Option::as_ref)
+    }
+
     /// Takes the gradient out (no copy), leaving `None`; for optimizers.
     pub fn take(&mut self, var: Var<'_, T>) -> Option<ArrayD<T>> {
         if var.tape.id() != self.tape_id {
@@ -468,6 +500,12 @@ mod tests {
         assert!(matches!(grads.wrt(unused), Err(TapeError::NoGradient { .. })));
         assert!(grads.get(c).is_none());
         assert!(!c.requires_grad() && h.requires_grad());
+        assert_eq!(grads.get_id(x.id()), grads.get(x));
+        assert_eq!(tape.get(x.id()).map(|v| v.index()), Some(x.index()));
+        assert!(
+            Tape::<f64>::new().get(x.id()).is_none(),
+            "an id only resolves on its own tape"
+        );
     }
 
     #[test]

@@ -1,0 +1,305 @@
+//! The BatchNorm layer: parameters, running statistics, explicit training and evaluation modes,
+//! and PyTorch-compatible state.
+
+use std::collections::BTreeMap;
+
+use ndarray::{Array1, ArrayD};
+use tape::{Element, Var};
+
+use super::kernel::{self, Dims};
+use super::node::BatchNormNode;
+use super::{check_batch, check_channels, dims_of, row_major, to_f64};
+use crate::error::{Error, Result, check_non_negative};
+use crate::param::Parameter;
+
+/// Whether a layer runs for training or for evaluation. Passed to every forward call: there is
+/// no global flag to forget to flip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics; running statistics are updated.
+    Train,
+    /// Running statistics (when tracked); nothing is updated.
+    Eval,
+}
+
+/// A name → array map with PyTorch's `state_dict` keys (`weight`, `bias`, `running_mean`,
+/// `running_var`, `num_batches_tracked`).
+pub type StateDict<T> = BTreeMap<String, ArrayD<T>>;
+
+/// Batch Normalization over the channel axis (axis 1) of `(N, C)` or `(N, C, *spatial)` input:
+/// one layer for what PyTorch splits into `BatchNorm1d/2d/3d`, with their names and semantics.
+///
+/// # Training vs evaluation
+/// In [`Mode::Train`] the layer normalizes with the batch's mean and biased variance and updates
+/// `running_mean` and `running_var` (with the unbiased variance):
+/// `running = (1 - momentum) · running + momentum · batch`, or the cumulative average when
+/// `momentum` is `None`. In [`Mode::Eval`] it normalizes with the running statistics, and its
+/// backward is exact for that (the statistics are constants). Without `track_running_stats`,
+/// both modes use batch statistics. The running statistics never go on the tape.
+///
+/// # Shapes
+/// `x`: `(N, C, *)` with `C = num_features`, rank 2 to 5. The output has the shape of `x`.
+///
+/// # Example
+/// ```
+/// use ndarray::array;
+/// use layers::{BatchNorm, Mode};
+/// use tape::Tape;
+///
+/// let mut bn = BatchNorm::<f64>::new(2);
+/// let tape = Tape::new();
+/// let x = tape.constant(array![[1.0, 2.0], [3.0, 6.0]]);
+/// let y = bn.forward(x, Mode::Train)?;
+/// let grads = y.backward_with(array![[0.5, -1.0], [0.25, 2.0]])?;
+/// assert!(bn.weight.grad(&grads).is_some());
+/// assert_eq!(bn.running_mean, array![0.2, 0.4]); // 0.9 · 0 + 0.1 · batch mean
+/// assert_eq!(bn.num_batches_tracked, 1);
+/// # Ok::<(), layers::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct BatchNorm<T: Element> {
+    num_features: usize,
+    eps: f64,
+    momentum: Option<f64>,
+    affine: bool,
+    track_running_stats: bool,
+    /// `gamma`, the per-channel scale (starts at 1; trained only when `affine`).
+    pub weight: Parameter<T>,
+    /// `beta`, the per-channel shift (starts at 0; trained only when `affine`).
+    pub bias: Parameter<T>,
+    /// Running mean (starts at 0).
+    pub running_mean: Array1<T>,
+    /// Running unbiased variance (starts at 1).
+    pub running_var: Array1<T>,
+    /// Training batches seen while tracking running statistics.
+    pub num_batches_tracked: u64,
+}
+
+impl<T: Element> BatchNorm<T> {
+    /// PyTorch's defaults: `eps = 1e-5`, `momentum = Some(0.1)`, `affine`, tracking running stats.
+    pub fn new(num_features: usize) -> Self {
+        BatchNorm {
+            num_features,
+            eps: 1e-5,
+            momentum: Some(0.1),
+            affine: true,
+            track_running_stats: true,
+            weight: Parameter::new(Array1::ones(num_features)),
+            bias: Parameter::new(Array1::zeros(num_features)),
+            running_mean: Array1::zeros(num_features),
+            running_var: Array1::ones(num_features),
+            num_batches_tracked: 0,
+        }
+    }
+
+    /// All settings, checked.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSetting`] for a negative, NaN or infinite `eps`, or a `momentum` outside
+    /// `[0, 1]`.
+    pub fn with_options(
+        num_features: usize,
+        eps: f64,
+        momentum: Option<f64>,
+        affine: bool,
+        track_running_stats: bool,
+    ) -> Result<Self> {
+        check_non_negative("eps", eps)?;
+        if let Some(m) = momentum.filter(|m| !(0.0..=1.0).contains(m)) {
+            return Err(Error::InvalidSetting {
+                name: "momentum",
+                expected: "in [0, 1], or None for a cumulative average",
+                got: m,
+            });
+        }
+        Ok(BatchNorm {
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            ..BatchNorm::new(num_features)
+        })
+    }
+
+    /// Number of channels.
+    pub fn num_features(&self) -> usize {
+        self.num_features
+    }
+    /// The `eps` added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+    /// The momentum of the running statistics (`None`: cumulative average).
+    pub fn momentum(&self) -> Option<f64> {
+        self.momentum
+    }
+    /// Whether `weight` and `bias` are trained.
+    pub fn affine(&self) -> bool {
+        self.affine
+    }
+    /// Whether running statistics are kept and used in evaluation.
+    pub fn track_running_stats(&self) -> bool {
+        self.track_running_stats
+    }
+
+    /// The trainable parameters (`weight`, `bias` when `affine`, else none).
+    pub fn parameters(&self) -> Vec<&Parameter<T>> {
+        if self.affine {
+            vec![&self.weight, &self.bias]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The trainable parameters, mutably, for an optimizer.
+    pub fn parameters_mut(&mut self) -> Vec<&mut Parameter<T>> {
+        if self.affine {
+            vec![&mut self.weight, &mut self.bias]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Normalizes `x` on its tape as one fused node (see [`BatchNormNode`]); in
+    /// [`Mode::Train`] also updates the running statistics.
+    ///
+    /// # Errors
+    /// [`Error::InputRank`], [`Error::Shape`] when axis 1 of `x` is not `num_features`,
+    /// [`Error::SingleValuePerChannel`] for one value per channel in training,
+    /// [`Error::ChannelCount`] when the running statistics or parameters were replaced by
+    /// arrays of the wrong size.
+    pub fn forward<'t>(&mut self, x: Var<'t, T>, mode: Mode) -> Result<Var<'t, T>> {
+        let tape = x.tape();
+        let value = x.value();
+        let dims = dims_of(value.shape())?;
+        if dims.c != self.num_features {
+            let mut expected = value.shape().to_vec();
+            expected[1] = self.num_features;
+            return Err(Error::Shape {
+                name: "x",
+                got: value.shape().to_vec(),
+                expected,
+                of: "axis 1 holds num_features channels",
+            });
+        }
+        check_channels("weight", self.weight.value.shape(), dims.c)?;
+        check_channels("bias", self.bias.value.shape(), dims.c)?;
+        let (gamma, beta) = if self.affine {
+            (self.weight.bind(tape), self.bias.bind(tape))
+        } else {
+            (
+                tape.constant(Array1::ones(dims.c)),
+                tape.constant(Array1::zeros(dims.c)),
+            )
+        };
+
+        let node = if mode == Mode::Train || !self.track_running_stats {
+            check_batch(value.shape(), dims)?;
+            let stats = kernel::stats(&row_major(&value.view()), dims);
+            if mode == Mode::Train && self.track_running_stats {
+                self.update_running_stats(&stats, dims)?;
+            }
+            BatchNormNode::new(stats.mean.clone(), stats.inv_std(self.eps), true)
+        } else {
+            check_channels("running_mean", self.running_mean.shape(), dims.c)?;
+            check_channels("running_var", self.running_var.shape(), dims.c)?;
+            let mean = to_f64(self.running_mean.iter().copied());
+            let inv_std = kernel::inv_std(&to_f64(self.running_var.iter().copied()), self.eps);
+            BatchNormNode::new(mean, inv_std, false)
+        };
+        Ok(tape.apply(node, &[x, gamma, beta])?)
+    }
+
+    fn update_running_stats(&mut self, stats: &kernel::Stats, dims: Dims) -> Result<()> {
+        check_channels("running_mean", self.running_mean.shape(), dims.c)?;
+        check_channels("running_var", self.running_var.shape(), dims.c)?;
+        self.num_batches_tracked += 1;
+        let momentum = self.momentum.unwrap_or(1.0 / self.num_batches_tracked as f64);
+        let m = dims.per_channel() as f64;
+        let unbiased = m / (m - 1.0);
+        let blend = |running: T, batch: f64| {
+            T::from_f64_lossy((1.0 - momentum) * running.as_f64() + momentum * batch)
+        };
+        for (c, (rm, rv)) in self
+            .running_mean
+            .iter_mut()
+            .zip(self.running_var.iter_mut())
+            .enumerate()
+        {
+            *rm = blend(*rm, stats.mean[c]);
+            *rv = blend(*rv, stats.var[c] * unbiased);
+        }
+        Ok(())
+    }
+
+    /// The state under PyTorch's keys: `weight` and `bias` when `affine`; `running_mean`,
+    /// `running_var` and `num_batches_tracked` (a rank-0 array, exact up to 2²⁴ in `f32`) when
+    /// tracking running statistics.
+    pub fn state_dict(&self) -> StateDict<T> {
+        let mut state = StateDict::new();
+        if self.affine {
+            state.insert("weight".into(), self.weight.value.clone());
+            state.insert("bias".into(), self.bias.value.clone());
+        }
+        if self.track_running_stats {
+            state.insert("running_mean".into(), self.running_mean.clone().into_dyn());
+            state.insert("running_var".into(), self.running_var.clone().into_dyn());
+            let count = T::from_f64_lossy(self.num_batches_tracked as f64);
+            state.insert("num_batches_tracked".into(), ndarray::arr0(count).into_dyn());
+        }
+        state
+    }
+
+    /// Loads a state saved by [`state_dict`](BatchNorm::state_dict) (or exported from PyTorch
+    /// under the same keys). Keys the layer does not use are ignored.
+    ///
+    /// # Errors
+    /// [`Error::MissingKey`] when a key the layer needs is absent, [`Error::ChannelCount`] or
+    /// [`Error::Shape`] when an array does not have `num_features` elements. Nothing is changed
+    /// on error.
+    pub fn load_state_dict(&mut self, state: &StateDict<T>) -> Result<()> {
+        let expected: Vec<String> = self.state_dict().into_keys().collect();
+        let get = |key: &'static str| -> Result<&ArrayD<T>> {
+            state.get(key).ok_or_else(|| Error::MissingKey {
+                key: key.into(),
+                expected: expected.clone(),
+            })
+        };
+        let channels = |key: &'static str| -> Result<Array1<T>> {
+            let array = get(key)?;
+            check_channels(key, array.shape(), self.num_features)?;
+            Ok(array.iter().copied().collect())
+        };
+        let mut loaded = self.clone();
+        if self.affine {
+            loaded.weight.value = channels("weight")?.into_dyn();
+            loaded.bias.value = channels("bias")?.into_dyn();
+        }
+        if self.track_running_stats {
+            loaded.running_mean = channels("running_mean")?;
+            loaded.running_var = channels("running_var")?;
+            let count = get("num_batches_tracked")?;
+            let value = match count.shape() {
+                [] | [1] => count.iter().next().map_or(0.0, |c| c.as_f64()),
+                other => {
+                    return Err(Error::Shape {
+                        name: "num_batches_tracked",
+                        got: other.to_vec(),
+                        expected: vec![],
+                        of: "a single count",
+                    });
+                }
+            };
+            if !(value >= 0.0 && value.fract() == 0.0) {
+                return Err(Error::InvalidSetting {
+                    name: "num_batches_tracked",
+                    expected: "a whole number >= 0",
+                    got: value,
+                });
+            }
+            loaded.num_batches_tracked = value as u64;
+        }
+        *self = loaded;
+        Ok(())
+    }
+}

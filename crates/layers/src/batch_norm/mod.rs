@@ -1,0 +1,344 @@
+//! Batch Normalization (Ioffe and Szegedy 2015, <https://arxiv.org/abs/1502.03167>).
+//!
+//! Three levels, each a thin layer over the one below:
+//!
+//! | level | what | where |
+//! |---|---|---|
+//! | functions on arrays | [`batchnorm_forward`], [`batchnorm_backward`]: the seed task's API | this module |
+//! | tape nodes | [`batch_norm`] (one fused node) and [`batch_norm_composed`] (primitives) | [`node`](self::node) |
+//! | the layer | [`BatchNorm`]: parameters, running statistics, train/eval mode, state dict | [`layer`](self::layer) |
+//!
+//! # Shapes
+//! `x` is `(N, C)` or `(N, C, *spatial)` with rank 2 to 5 and the channel on axis 1 (PyTorch's
+//! layout). Statistics are taken per channel over every other axis: `M = N × spatial size`
+//! values each. `gamma`, `beta` and the statistics have `C` elements.
+//!
+//! # Training mode, and the derivation of the fused backward
+//! For one channel with values `x₁ … x_M`:
+//!
+//! ```text
+//! μ = (1/M) Σᵢ xᵢ                 batch mean
+//! σ² = (1/M) Σᵢ (xᵢ - μ)²         batch variance, biased (divided by M, as PyTorch normalizes)
+//! r = 1 / √(σ² + ε)               inverse standard deviation
+//! x̂ᵢ = (xᵢ - μ) r                 normalized value
+//! yᵢ = γ x̂ᵢ + β                   output
+//! ```
+//!
+//! Given the upstream gradient `gᵢ = ∂L/∂yᵢ`, the parameter gradients are direct:
+//! `∂L/∂β = Σᵢ gᵢ` and `∂L/∂γ = Σᵢ gᵢ x̂ᵢ`. For the input, every `x̂ᵢ` depends on every `xⱼ`
+//! through `μ` and `σ²`:
+//!
+//! ```text
+//! ∂μ/∂xⱼ  = 1/M
+//! ∂σ²/∂xⱼ = (2/M)(xⱼ - μ)          (the term through μ vanishes: Σᵢ (xᵢ - μ) = 0)
+//! ∂r/∂xⱼ  = -½ r³ ∂σ²/∂xⱼ = -(r³/M)(xⱼ - μ)
+//! ∂x̂ᵢ/∂xⱼ = r (δᵢⱼ - 1/M) - (r³/M)(xᵢ - μ)(xⱼ - μ)
+//! ```
+//!
+//! so, with `∂L/∂x̂ᵢ = γ gᵢ`,
+//!
+//! ```text
+//! ∂L/∂xⱼ = Σᵢ γ gᵢ ∂x̂ᵢ/∂xⱼ
+//!        = γ r [ gⱼ - (1/M) Σᵢ gᵢ - x̂ⱼ (1/M) Σᵢ gᵢ x̂ᵢ ]
+//!        = γ r [ gⱼ - mean(g) - x̂ⱼ · mean(g x̂) ]
+//! ```
+//!
+//! Two per-channel sums, `Σ g` (which is `∂L/∂β`) and `Σ g (x - μ)` (which is `∂L/∂γ / r`),
+//! read `g` and `x` once; a second pass writes `∂L/∂x`. Backward keeps only `x` (which a tape
+//! holds anyway), `μ` and `r`: nothing of the input's size is saved for it.
+//! `dx` sums to zero over each channel, since `Σ x̂ = 0`.
+//!
+//! # Evaluation mode
+//! The running statistics replace `μ` and `σ²`. They are constants, so `∂L/∂x = γ r g`
+//! exactly, while `∂L/∂γ` and `∂L/∂β` are as above.
+//!
+//! # Numerics
+//! Statistics accumulate in `f64` for `f32` data too, and each output is computed in `f64` from
+//! `x - μ` and rounded once: a constant channel (even at 1e30) has `x - μ = 0` exactly and
+//! normalizes to exactly `β`, and finite input never yields NaN or infinity.
+//!
+//! # Conventions (PyTorch's, where references differ)
+//! Normalization uses the biased batch variance; the running variance is updated with the
+//! unbiased one (`σ² M / (M - 1)`). `running = (1 - momentum) · running + momentum · batch`
+//! with `momentum = 0.1`, or the cumulative average `momentum = 1 / num_batches_tracked` when
+//! it is `None`. Running statistics start at 0 (mean) and 1 (variance).
+
+pub mod kernel;
+pub mod layer;
+pub mod node;
+
+use std::borrow::Cow;
+
+use ndarray::{Array, Array1, ArrayD, ArrayView, AsArray, Dimension, Ix1};
+use tape::Element;
+
+use self::kernel::Dims;
+pub use self::layer::{BatchNorm, Mode, StateDict};
+pub use self::node::{BatchNormNode, batch_norm, batch_norm_composed};
+use crate::error::{Error, Result, check_non_negative};
+
+/// The `(N, C, S)` dimensions of `shape`, checking rank 2 to 5.
+pub(crate) fn dims_of(shape: &[usize]) -> Result<Dims> {
+    if (2..=5).contains(&shape.len()) {
+        Ok(Dims::of(shape))
+    } else {
+        Err(Error::InputRank { got: shape.to_vec() })
+    }
+}
+
+/// Checks that a per-channel argument has `channels` elements.
+pub(crate) fn check_channels(name: &'static str, shape: &[usize], channels: usize) -> Result<()> {
+    match shape {
+        [count] if *count == channels => Ok(()),
+        [count] => Err(Error::ChannelCount {
+            name,
+            got: *count,
+            expected: channels,
+            of: "channels of x",
+        }),
+        _ => Err(Error::Shape {
+            name,
+            got: shape.to_vec(),
+            expected: vec![channels],
+            of: "one value per channel of x",
+        }),
+    }
+}
+
+/// Training mode needs two or more values per channel (as PyTorch).
+pub(crate) fn check_batch(shape: &[usize], dims: Dims) -> Result<()> {
+    if dims.per_channel() > 1 {
+        Ok(())
+    } else {
+        Err(Error::SingleValuePerChannel {
+            shape: shape.to_vec(),
+            per_channel: dims.per_channel(),
+        })
+    }
+}
+
+/// The elements in row-major order, without a copy when the view is already contiguous.
+pub(crate) fn row_major<'a, T: Element, D: Dimension>(view: &ArrayView<'a, T, D>) -> Cow<'a, [T]> {
+    match view.to_slice() {
+        Some(slice) => Cow::Borrowed(slice),
+        None => Cow::Owned(view.iter().copied().collect()),
+    }
+}
+
+pub(crate) fn to_f64<T: Element>(values: impl IntoIterator<Item = T>) -> Vec<f64> {
+    values.into_iter().map(Element::as_f64).collect()
+}
+
+pub(crate) fn from_f64<T: Element>(values: &[f64]) -> Array1<T> {
+    values.iter().map(|&v| T::from_f64_lossy(v)).collect()
+}
+
+/// The output of a normalization with known per-channel `mean` and `inv_std`.
+pub(crate) fn normalize<T: Element>(
+    x: &[T],
+    dims: Dims,
+    gamma: &[f64],
+    beta: &[f64],
+    mean: &[f64],
+    inv_std: &[f64],
+) -> Vec<T> {
+    let scale: Vec<f64> = gamma.iter().zip(inv_std).map(|(g, r)| g * r).collect();
+    kernel::normalize(x, dims, mean, &scale, beta)
+}
+
+/// Gradients `(dx, dgamma, dbeta)` of a normalization; `batch_stats` says whether `mean` and
+/// `inv_std` were computed from `x` (training) or are constants (evaluation). `dx` is skipped
+/// (`None`) when not `want_dx`.
+#[allow(clippy::too_many_arguments)] // the kernel's inputs, named; a struct would only rename them
+pub(crate) fn gradients<T: Element>(
+    dout: &[T],
+    x: &[T],
+    dims: Dims,
+    gamma: &[f64],
+    mean: &[f64],
+    inv_std: &[f64],
+    batch_stats: bool,
+    want_dx: bool,
+) -> (Option<Vec<T>>, Vec<f64>, Vec<f64>) {
+    let (sum_dout, sum_dout_xmu) = kernel::grad_sums(dout, x, dims, mean);
+    let dgamma: Vec<f64> = sum_dout_xmu.iter().zip(inv_std).map(|(s, r)| s * r).collect();
+    let dx = want_dx.then(|| {
+        let m = dims.per_channel() as f64;
+        let grad_scale: Vec<f64> = gamma.iter().zip(inv_std).map(|(g, r)| g * r).collect();
+        let (mut xmu_scale, mut offset) = (vec![0.0; dims.c], vec![0.0; dims.c]);
+        if batch_stats {
+            // dx = a·(g - mean(g) - x̂·mean(g·x̂)), a = γr, x̂ = (x - μ)r, mean(g·x̂) = dgamma / M.
+            for c in 0..dims.c {
+                xmu_scale[c] = -grad_scale[c] * inv_std[c] * (dgamma[c] / m);
+                offset[c] = -grad_scale[c] * (sum_dout[c] / m);
+            }
+        }
+        kernel::input_grad(dout, x, dims, mean, &grad_scale, &xmu_scale, &offset)
+    });
+    (dx, dgamma, sum_dout)
+}
+
+/// What [`batchnorm_forward`] keeps for [`batchnorm_backward`].
+///
+/// It holds one array of the input's size, the input `x` itself (exact: a saved `x̂` would be
+/// rounded to `T`), and per-channel vectors: `gamma`, the batch mean and the inverse standard
+/// deviation (in `f64`). Backward recomputes `x̂ = (x - mean) · inv_std` on the fly, which costs
+/// less than reading a saved copy.
+#[derive(Debug, Clone)]
+pub struct BatchNormCache<T: Element> {
+    x: ArrayD<T>,
+    gamma: Vec<f64>,
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+    var: Vec<f64>,
+    eps: f64,
+}
+
+impl<T: Element> BatchNormCache<T> {
+    /// The input of the forward pass.
+    pub fn x(&self) -> &ArrayD<T> {
+        &self.x
+    }
+    /// Per-channel batch mean (`saved_mean` in PyTorch).
+    pub fn mean(&self) -> &[f64] {
+        &self.mean
+    }
+    /// Per-channel biased batch variance.
+    pub fn var(&self) -> &[f64] {
+        &self.var
+    }
+    /// Per-channel `1 / sqrt(var + eps)` (`saved_invstd` in PyTorch).
+    pub fn inv_std(&self) -> &[f64] {
+        &self.inv_std
+    }
+    /// The `eps` of the forward pass.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+}
+
+/// Training-mode BatchNorm forward: normalizes each channel of `x` with its batch mean and
+/// biased variance, then scales by `gamma` and shifts by `beta`.
+///
+/// # Shapes
+/// `x`: `(N, C)` or `(N, C, *spatial)`, rank 2 to 5; `gamma`, `beta`: `(C,)`; `out`: as `x`.
+/// Any array or view is accepted (`&Array`, `ArrayView`, non-contiguous views too).
+///
+/// # Errors
+/// [`Error::InputRank`] for another rank, [`Error::ChannelCount`] when `gamma` or `beta` do
+/// not have `C` elements, [`Error::SingleValuePerChannel`] when `N × spatial == 1`,
+/// [`Error::InvalidSetting`] for a negative or NaN `eps`.
+///
+/// # Example: the seed's Example 2
+/// ```
+/// use ndarray::array;
+/// use layers::batchnorm_forward;
+///
+/// let x = array![[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]];
+/// let (out, _cache) = batchnorm_forward(&x, &array![2.0, 0.5], &array![1.0, -1.0], 1e-5)?;
+/// let expected = array![[-1.4494, -1.6124], [1.0, -1.0], [3.4494, -0.3876]];
+/// assert!(out.abs_diff_eq(&expected, 1e-4));
+/// # Ok::<(), layers::Error>(())
+/// ```
+pub fn batchnorm_forward<'a, T, D>(
+    x: impl AsArray<'a, T, D>,
+    gamma: impl AsArray<'a, T, Ix1>,
+    beta: impl AsArray<'a, T, Ix1>,
+    eps: f64,
+) -> Result<(Array<T, D>, BatchNormCache<T>)>
+where
+    T: Element,
+    D: Dimension,
+{
+    let (x, gamma, beta) = (x.into(), gamma.into(), beta.into());
+    check_non_negative("eps", eps)?;
+    let dims = dims_of(x.shape())?;
+    check_channels("gamma", gamma.shape(), dims.c)?;
+    check_channels("beta", beta.shape(), dims.c)?;
+    check_batch(x.shape(), dims)?;
+
+    let data = row_major(&x);
+    let stats = kernel::stats(&data, dims);
+    let inv_std = stats.inv_std(eps);
+    let gamma = to_f64(gamma.iter().copied());
+    let out = normalize(
+        &data,
+        dims,
+        &gamma,
+        &to_f64(beta.iter().copied()),
+        &stats.mean,
+        &inv_std,
+    );
+    let cache = BatchNormCache {
+        x: x.to_owned().into_dyn(),
+        gamma,
+        mean: stats.mean,
+        inv_std,
+        var: stats.var,
+        eps,
+    };
+    Ok((shaped(out, x.raw_dim()), cache))
+}
+
+/// `(dx, dgamma, dbeta)`: the gradients [`batchnorm_backward`] returns.
+pub type BatchNormGrads<T, D> = (Array<T, D>, Array1<T>, Array1<T>);
+
+/// Training-mode BatchNorm backward: the gradients with respect to `x`, `gamma` and `beta`
+/// given the upstream gradient `dout`, by the closed form derived in the [module docs](self).
+///
+/// # Shapes
+/// `dout`: the shape of the forward's `x`; `dx`: the same; `dgamma`, `dbeta`: `(C,)`.
+///
+/// # Errors
+/// [`Error::Shape`] when `dout` does not have the shape of `x`.
+///
+/// # Example: the seed's Example 3, with a random upstream gradient
+/// ```
+/// use ndarray::array;
+/// use layers::{batchnorm_backward, batchnorm_forward};
+///
+/// let x = array![[1.0, 2.0], [3.0, 4.0]];
+/// let (_, cache) = batchnorm_forward(&x, &array![1.0, 1.0], &array![0.0, 0.0], 1e-5)?;
+/// let dout = array![[0.3, -1.2], [0.8, 0.5]];
+/// let (dx, dgamma, dbeta) = batchnorm_backward(&dout, &cache)?;
+/// assert!(dbeta.abs_diff_eq(&array![1.1, -0.7], 1e-12));  // column sums of dout
+/// assert!(dx.sum_axis(ndarray::Axis(0)).abs_diff_eq(&array![0.0, 0.0], 1e-12)); // columns sum to 0
+/// # Ok::<(), layers::Error>(())
+/// ```
+pub fn batchnorm_backward<'a, T, D>(
+    dout: impl AsArray<'a, T, D>,
+    cache: &BatchNormCache<T>,
+) -> Result<BatchNormGrads<T, D>>
+where
+    T: Element,
+    D: Dimension,
+{
+    let dout = dout.into();
+    if dout.shape() != cache.x.shape() {
+        return Err(Error::Shape {
+            name: "dout",
+            got: dout.shape().to_vec(),
+            expected: cache.x.shape().to_vec(),
+            of: "the shape of x",
+        });
+    }
+    let dims = Dims::of(cache.x.shape());
+    let x = row_major(&cache.x.view());
+    let (dx, dgamma, dbeta) = gradients(
+        &row_major(&dout),
+        &x,
+        dims,
+        &cache.gamma,
+        &cache.mean,
+        &cache.inv_std,
+        true,
+        true,
+    );
+    let dx = dx.unwrap_or_default();
+    Ok((shaped(dx, dout.raw_dim()), from_f64(&dgamma), from_f64(&dbeta)))
+}
+
+/// A row-major `Vec` as an array of `dim` (whose element count it has).
+pub(crate) fn shaped<T, D: Dimension>(data: Vec<T>, dim: D) -> Array<T, D> {
+    Array::from_shape_vec(dim, data).unwrap_or_else(|_| unreachable!("the kernels keep the element count"))
+}

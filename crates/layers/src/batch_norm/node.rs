@@ -1,0 +1,192 @@
+//! BatchNorm on the tape, two ways: [`batch_norm`] records ONE fused node whose backward is the
+//! closed form of the [module docs](super); [`batch_norm_composed`] records the same computation
+//! as tape primitives, so the tape derives its gradient. Tests check that the two agree.
+
+use ndarray::{ArrayD, ArrayViewD};
+use tape::{BackwardArgs, Element, Function, TapeError, Var};
+
+use super::kernel::{self, Dims};
+use super::{
+    check_batch, check_channels, dims_of, from_f64, gradients, normalize, row_major, shaped, to_f64,
+};
+use crate::error::{Error, Result, check_non_negative};
+
+/// The fused BatchNorm node: inputs `x`, `gamma`, `beta`; saved state only the per-channel mean
+/// and inverse standard deviation (`2 × C` values of `f64`).
+///
+/// Made by [`batch_norm`] (batch statistics, training mode) or by the
+/// [`BatchNorm`](crate::BatchNorm) layer (which also makes evaluation-mode nodes from its running
+/// statistics). Implemented with the tape's public custom-op API, [`tape::Function`].
+#[derive(Debug, Clone)]
+pub struct BatchNormNode {
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+    /// True when `mean` and `inv_std` are the batch's own statistics (so `x` reaches the output
+    /// through them too), false for evaluation with running statistics.
+    batch_stats: bool,
+}
+
+impl BatchNormNode {
+    /// A node normalizing with the given per-channel statistics. `batch_stats` says whether they
+    /// are `x`'s own (training: the backward includes the paths through them) or constants.
+    pub(crate) fn new(mean: Vec<f64>, inv_std: Vec<f64>, batch_stats: bool) -> Self {
+        BatchNormNode {
+            mean,
+            inv_std,
+            batch_stats,
+        }
+    }
+
+    fn check(&self, x: &[usize], gamma: &[usize], beta: &[usize]) -> Result<Dims> {
+        let dims = dims_of(x)?;
+        check_channels("gamma", gamma, dims.c)?;
+        check_channels("beta", beta, dims.c)?;
+        if self.mean.len() != dims.c {
+            return Err(Error::ChannelCount {
+                name: "mean",
+                got: self.mean.len(),
+                expected: dims.c,
+                of: "channels of x",
+            });
+        }
+        Ok(dims)
+    }
+}
+
+fn as_tape_error(error: Error) -> TapeError {
+    match error {
+        Error::Tape(inner) => inner,
+        other => TapeError::op("batch_norm", other),
+    }
+}
+
+impl<T: Element> Function<T> for BatchNormNode {
+    fn name(&self) -> &str {
+        "batch_norm"
+    }
+
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> tape::Result<ArrayD<T>> {
+        let [x, gamma, beta] = inputs else {
+            return Err(TapeError::op(
+                "batch_norm",
+                format!("takes 3 inputs (x, gamma, beta), got {}", inputs.len()),
+            ));
+        };
+        let dims = self
+            .check(x.shape(), gamma.shape(), beta.shape())
+            .map_err(as_tape_error)?;
+        let out = normalize(
+            &row_major(x),
+            dims,
+            &to_f64(gamma.iter().copied()),
+            &to_f64(beta.iter().copied()),
+            &self.mean,
+            &self.inv_std,
+        );
+        Ok(shaped(out, x.raw_dim()))
+    }
+
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> tape::Result<Vec<Option<ArrayD<T>>>> {
+        let [x, gamma, _] = args.inputs else {
+            return Err(TapeError::op("batch_norm", "backward takes the 3 forward inputs"));
+        };
+        let dims = Dims::of(x.shape());
+        let (dx, dgamma, dbeta) = gradients(
+            &row_major(&args.grad_output),
+            &row_major(x),
+            dims,
+            &to_f64(gamma.iter().copied()),
+            &self.mean,
+            &self.inv_std,
+            self.batch_stats,
+            args.needs_grad[0],
+        );
+        let channel = |values: &[f64]| from_f64::<T>(values).into_dyn();
+        Ok(vec![
+            dx.map(|dx| shaped(dx, x.raw_dim())),
+            args.needs_grad[1].then(|| channel(&dgamma)),
+            args.needs_grad[2].then(|| channel(&dbeta)),
+        ])
+    }
+
+    fn saved_bytes(&self) -> usize {
+        (self.mean.len() + self.inv_std.len()) * std::mem::size_of::<f64>()
+    }
+}
+
+/// Training-mode BatchNorm as ONE fused tape node with a hand-written backward (see the
+/// [module docs](super) for the derivation).
+///
+/// # Shapes
+/// `x`: `(N, C, *)`, rank 2 to 5; `gamma`, `beta`: `(C,)`; the result: as `x`.
+///
+/// # Errors
+/// As [`batchnorm_forward`](super::batchnorm_forward), and [`Error::Tape`] for a `Var` of
+/// another tape.
+///
+/// # Example
+/// ```
+/// use ndarray::{array, Array2};
+/// use tape::Tape;
+///
+/// let tape = Tape::<f64>::new();
+/// let x = tape.var(array![[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]);
+/// let gamma = tape.var(array![1.0, 1.0]);
+/// let beta = tape.var(array![0.0, 0.0]);
+/// let y = layers::batch_norm(x, gamma, beta, 1e-5)?;
+/// let grads = y.backward_with(array![[0.1, -0.4], [0.7, 0.2], [-0.3, 0.9]])?;
+/// assert_eq!(grads.wrt(x)?.shape(), &[3, 2]);
+/// # Ok::<(), layers::Error>(())
+/// ```
+pub fn batch_norm<'t, T: Element>(
+    x: Var<'t, T>,
+    gamma: Var<'t, T>,
+    beta: Var<'t, T>,
+    eps: f64,
+) -> Result<Var<'t, T>> {
+    check_non_negative("eps", eps)?;
+    let value = x.value();
+    let dims = dims_of(value.shape())?;
+    check_channels("gamma", &gamma.shape(), dims.c)?;
+    check_channels("beta", &beta.shape(), dims.c)?;
+    check_batch(value.shape(), dims)?;
+    let stats = kernel::stats(&row_major(&value.view()), dims);
+    let node = BatchNormNode::new(stats.mean.clone(), stats.inv_std(eps), true);
+    Ok(x.tape().apply(node, &[x, gamma, beta])?)
+}
+
+/// Training-mode BatchNorm composed from tape primitives only (mean, sub, mul, add eps, sqrt,
+/// div, scale, shift): the tape derives its gradient, step by step. Slower and heavier than
+/// [`batch_norm`], and computed in `T` (no `f64` accumulation); it exists to check the fused
+/// node against and to show the chain rule at work.
+///
+/// # Shapes
+/// As [`batch_norm`].
+///
+/// # Errors
+/// As [`batch_norm`].
+pub fn batch_norm_composed<'t, T: Element>(
+    x: Var<'t, T>,
+    gamma: Var<'t, T>,
+    beta: Var<'t, T>,
+    eps: f64,
+) -> Result<Var<'t, T>> {
+    check_non_negative("eps", eps)?;
+    let shape = x.shape();
+    let dims = dims_of(&shape)?;
+    check_channels("gamma", &gamma.shape(), dims.c)?;
+    check_channels("beta", &beta.shape(), dims.c)?;
+    check_batch(&shape, dims)?;
+    // Statistics over every axis but the channel; keep-dims so they broadcast against x.
+    let axes: Vec<usize> = (0..shape.len()).filter(|&axis| axis != 1).collect();
+    let mut channel_shape = vec![1; shape.len()];
+    channel_shape[1] = dims.c;
+
+    let mean = x.mean_axes(&axes, true)?;
+    let centred = x.try_sub(mean)?;
+    let var = centred.try_mul(centred)?.mean_axes(&axes, true)?;
+    let std = var.add_scalar(T::from_f64_lossy(eps)).sqrt();
+    let x_hat = centred.try_div(std)?;
+    let scaled = x_hat.try_mul(gamma.reshape(&channel_shape)?)?;
+    Ok(scaled.try_add(beta.reshape(&channel_shape)?)?)
+}
