@@ -1,4 +1,5 @@
 //! Property tests: binary ops over random broadcast-compatible shapes, in both directions.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use ndarray::{ArrayD, Dimension, IxDyn};
 use proptest::prelude::*;

@@ -174,18 +174,25 @@ pub fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
         .collect()
 }
 
-/// Per-channel mean and biased variance of `x`, by two passes in `f64` (mean first, then the
-/// mean squared deviation: no cancellation, unlike `E[x²] - E[x]²`). A constant channel has
-/// a mean equal to its value and a variance of exactly 0: sums of one f32 or f64 value repeated
-/// fewer than 2²⁹ times are exact in f64, and so is their quotient by the count.
+/// Per-channel mean and biased variance of `x`, by two passes in `f64`: the mean first, then
+/// the mean squared deviation from it (no cancellation, unlike `E[x²] - E[x]²`).
+///
+/// The first pass sums `x - x₀`, with `x₀` the channel's first value, and adds `x₀` back: a
+/// constant channel then sums exact zeros, so its mean is exactly its value and its variance
+/// exactly 0, whatever the value (a plain sum of 1e30 repeated is not exact in f64), and data
+/// far from zero lose less to rounding.
 pub fn stats<T: Element>(x: &[T], dims: Dims) -> Stats {
     let m = dims.per_channel() as f64;
+    let reference: Vec<f64> = (0..dims.c)
+        .map(|c| x.get(c * dims.s).map_or(0.0, |v| v.as_f64()))
+        .collect();
     let sums = channel_sums::<1>(dims, |range, acc| {
         for_each_lane(&x[range], dims, |channel, lane| {
-            acc[channel] += lane_sum(lane.len(), |i| lane[i].as_f64());
+            let x0 = reference[channel];
+            acc[channel] += lane_sum(lane.len(), |i| lane[i].as_f64() - x0);
         });
     });
-    let mean: Vec<f64> = sums.iter().map(|s| s / m).collect();
+    let mean: Vec<f64> = sums.iter().zip(&reference).map(|(s, x0)| x0 + s / m).collect();
     let squares = channel_sums::<1>(dims, |range, acc| {
         for_each_lane(&x[range], dims, |channel, lane| {
             let mu = mean[channel];

@@ -190,3 +190,120 @@ pub fn batch_norm_composed<'t, T: Element>(
     let scaled = x_hat.try_mul(gamma.reshape(&channel_shape)?)?;
     Ok(scaled.try_add(beta.reshape(&channel_shape)?)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{Array1, array};
+    use tape::{GradCheck, Tape, check_gradients};
+
+    use super::*;
+    use crate::batch_norm::testing::{channel, normal};
+
+    #[test]
+    fn fused_and_composed_pass_the_gradient_checker() {
+        for shape in [&[5, 3][..], &[3, 2, 4], &[2, 3, 2, 2]] {
+            let c = shape[1];
+            let inputs = [
+                normal(shape, 0.5, 2.0, 1),
+                channel(c, 1.0, 2).into_dyn(),
+                channel(c, 0.0, 3).into_dyn(),
+            ];
+            let fused = check_gradients(
+                |_, v| batch_norm(v[0], v[1], v[2], 1e-5).map_err(as_tape_error),
+                &inputs,
+            )
+            .unwrap();
+            let composed = check_gradients(
+                |_, v| batch_norm_composed(v[0], v[1], v[2], 1e-5).map_err(as_tape_error),
+                &inputs,
+            )
+            .unwrap();
+            assert_eq!(fused.checked, composed.checked);
+        }
+    }
+
+    #[test]
+    fn evaluation_nodes_pass_the_gradient_checker() {
+        // Running statistics are constants: dx = gamma · inv_std · dout, exactly.
+        let (mean, inv_std) = (vec![0.3, -1.0, 2.0], vec![0.5, 2.0, 1.25]);
+        let inputs = [
+            normal(&[4, 3, 2], 0.0, 1.0, 4),
+            channel(3, 1.0, 5).into_dyn(),
+            channel(3, 0.0, 6).into_dyn(),
+        ];
+        let node = BatchNormNode::new(mean, inv_std, false);
+        check_gradients(|t, v| t.apply(node.clone(), v), &inputs).unwrap();
+        // The training formula would be wrong here: the checker sees the difference.
+        let wrong = BatchNormNode {
+            batch_stats: true,
+            ..node.clone()
+        };
+        assert!(
+            GradCheck::default()
+                .run(|t, v| t.apply(wrong.clone(), v), &inputs)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_fused_node_saves_only_per_channel_statistics() {
+        let tape = Tape::<f32>::new();
+        let x = tape.var(
+            Array1::<f32>::linspace(0.0, 1.0, 256 * 16)
+                .into_shape_with_order((256, 16))
+                .unwrap(),
+        );
+        let (gamma, beta) = (
+            tape.var(Array1::<f32>::ones(16)),
+            tape.var(Array1::<f32>::zeros(16)),
+        );
+        let before = tape.saved_bytes();
+        let _ = batch_norm(x, gamma, beta, 1e-5).unwrap();
+        let fused = tape.saved_bytes() - before;
+        // The output (which the tape keeps for any node) plus mean and inv_std in f64.
+        assert_eq!(fused, 256 * 16 * 4 + 2 * 16 * 8);
+        let before = tape.saved_bytes();
+        let _ = batch_norm_composed(x, gamma, beta, 1e-5).unwrap();
+        let composed = tape.saved_bytes() - before;
+        assert!(
+            composed >= 4 * fused,
+            "composed {composed} bytes vs fused {fused}"
+        );
+    }
+
+    #[test]
+    fn tape_level_errors_name_the_argument() {
+        let tape = Tape::<f64>::new();
+        let x = tape.var(normal(&[4, 3], 0.0, 1.0, 1));
+        let gamma = tape.var(array![1.0, 1.0]);
+        let beta = tape.var(array![0.0, 0.0, 0.0]);
+        let error = batch_norm(x, gamma, beta, 1e-5).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "gamma has 2 elements, expected 3 (channels of x)"
+        );
+        let error = batch_norm_composed(x, gamma, beta, 1e-5).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "gamma has 2 elements, expected 3 (channels of x)"
+        );
+        let matrix_gamma = tape.var(ndarray::Array2::<f64>::ones((3, 1)));
+        assert_eq!(
+            batch_norm(x, matrix_gamma, beta, 1e-5).unwrap_err().to_string(),
+            "gamma has shape [3, 1], expected [3] (one value per channel of x)"
+        );
+        let other = Tape::<f64>::new();
+        let foreign = other.var(array![1.0, 1.0, 1.0]);
+        assert!(matches!(
+            batch_norm(x, foreign, beta, 1e-5),
+            Err(Error::Tape(TapeError::ForeignVar { .. }))
+        ));
+        // Applied directly with the wrong inputs, the node's own check answers.
+        let node = BatchNormNode::new(vec![0.0; 3], vec![1.0; 3], true);
+        let error = tape.apply(node, &[x, beta]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "batch_norm: takes 3 inputs (x, gamma, beta), got 2"
+        );
+    }
+}

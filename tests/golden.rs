@@ -1,0 +1,113 @@
+//! PyTorch as the oracle: every case of `tests/data/pytorch_batchnorm.json` (see its README)
+//! recomputed through the functional API and through the layer on a tape.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use bnorm::golden::{self, CaseKind, GoldenError, check_case};
+
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pytorch_batchnorm.json");
+
+fn cases() -> Vec<golden::Case> {
+    golden::load(GOLDEN).expect("the vendored golden file parses")
+}
+
+#[test]
+fn the_file_covers_training_sequences_and_every_layout() {
+    let cases = cases();
+    assert_eq!(cases.len(), 12);
+    let ranks: Vec<usize> = cases
+        .iter()
+        .filter_map(|case| match &case.kind {
+            CaseKind::Train(train) => Some(train.x.shape.len()),
+            CaseKind::Sequence(_) => None,
+        })
+        .collect();
+    assert!(ranks.contains(&2) && ranks.contains(&3) && ranks.contains(&4));
+    assert!(
+        cases
+            .iter()
+            .any(|c| matches!(&c.kind, CaseKind::Sequence(s) if s.momentum.is_none()))
+    );
+}
+
+#[test]
+fn every_case_matches_pytorch_to_1e_minus_10_in_f64() {
+    for case in cases() {
+        let report = check_case::<f64>(&case).unwrap();
+        assert!(report.errors.len() >= 4, "{report}");
+        assert!(report.max_error() <= 1e-10, "{report}");
+    }
+}
+
+#[test]
+fn every_case_matches_pytorch_to_1e_minus_5_in_f32() {
+    for case in cases() {
+        let report = check_case::<f32>(&case).unwrap();
+        assert!(report.max_error() <= 1e-5, "{report}");
+    }
+}
+
+#[test]
+fn a_wrong_reference_is_reported_not_hidden() {
+    let mut case = cases().remove(0);
+    let CaseKind::Train(train) = &mut case.kind else {
+        panic!("the first case is a training call")
+    };
+    let (name, dx) = &mut train.expected[1];
+    assert_eq!(*name, "dx");
+    dx.data[0] += 1e-6;
+    let report = check_case::<f64>(&case).unwrap();
+    assert!(report.max_error() > 1e-7, "{report}");
+    assert!(report.errors.iter().any(|(n, e)| n == "dx" && *e > 1e-7));
+}
+
+fn format_problem(text: &str) -> String {
+    match golden::parse(text) {
+        Err(error @ (GoldenError::Format { .. } | GoldenError::Json(_))) => error.to_string(),
+        other => panic!("expected a format error, got {other:?}"),
+    }
+}
+
+#[test]
+fn malformed_files_get_clear_errors() {
+    assert!(format_problem("{").starts_with("not valid JSON"));
+    assert_eq!(
+        format_problem(r#"{"cases": 3}"#),
+        "the file: expected an object with a \"cases\" array"
+    );
+    assert_eq!(
+        format_problem(r#"{"cases": [{"name": "a", "kind": "train"}]}"#),
+        "cases[0] (\"a\"): missing field \"eps\""
+    );
+    assert_eq!(
+        format_problem(r#"{"cases": [{"name": "b", "kind": "test", "eps": 1e-5}]}"#),
+        "cases[0] (\"b\").kind: expected \"train\" or \"sequence\", got Some(\"test\")"
+    );
+    // Take a real case and break one array.
+    let text = std::fs::read_to_string(GOLDEN).unwrap();
+    let broken = text.replacen("\"data\": [0.35109996795654297, ", "\"data\": [", 1);
+    assert_eq!(
+        format_problem(&broken),
+        "cases[0] (\"seed_example_1\").x: shape [3, 2] needs 6 values, data has 5"
+    );
+    let broken = text.replacen("\"shape\": [3, 2]", "\"shape\": [3, -2]", 1);
+    assert!(format_problem(&broken).contains("expected {\"shape\": [whole numbers]"));
+    let missing = golden::load("no/such/file.json").unwrap_err().to_string();
+    assert!(missing.starts_with("cannot read no/such/file.json"), "{missing}");
+}
+
+#[test]
+fn inputs_the_layer_rejects_are_reported_with_the_case() {
+    let text = std::fs::read_to_string(GOLDEN).unwrap();
+    // gamma of the first case with one element too many.
+    let broken = text.replacen(
+        "\"gamma\": {\"shape\": [2], \"data\": [0.7563397884368896, ",
+        "\"gamma\": {\"shape\": [3], \"data\": [1.0, 0.7563397884368896, ",
+        1,
+    );
+    let case = golden::parse(&broken).unwrap().remove(0);
+    let error = check_case::<f64>(&case).unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "case \"seed_example_1\": gamma has 3 elements, expected 2 (channels of x)"
+    );
+}
