@@ -6,12 +6,15 @@
 //! is evaluated in `f64` before rounding once to `T` (f32 sums over 1e6 rows lose 3 digits, and
 //! `x - mean` in f32 loses what a large mean's rounding hides).
 //!
-//! Work is split into chunks of whole rows whose size depends only on the shape, never on the
-//! number of threads; per-chunk partial sums are added in chunk order. So the result is
-//! bit-identical on 1 thread or many, and rayon is used only above [`PARALLEL_MIN_ELEMENTS`].
+//! Work is split into at most [`MAX_BLOCKS`] blocks of whole rows, whose size depends only on
+//! the shape, never on the number of threads; per-block partial results are combined in block
+//! order. So the result is bit-identical on 1 thread or many, and rayon is used only above
+//! [`PARALLEL_MIN_ELEMENTS`]. Few blocks keep the partials small (each is `C` values) even
+//! when `C` is large; inside a block, statistics go through cache-sized pieces.
 
 use std::ops::Range;
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 use tape::Element;
 
@@ -19,8 +22,25 @@ use tape::Element;
 /// they save on small inputs).
 pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 17;
 
-/// Target elements per work chunk.
-const CHUNK_ELEMENTS: usize = 1 << 14;
+/// The most blocks the rows are split into: enough to share among threads, few enough that
+/// the per-block partials (`C` values each) stay small beside the data.
+pub const MAX_BLOCKS: usize = 64;
+
+/// Channels per tile when walking `(N, C)` rows: the per-channel f64 arrays a loop touches
+/// (three of 4 KiB each) stay in L1 however wide the layer is. Each channel still adds its rows
+/// in order, so tiling changes no result.
+const CHANNEL_TILE: usize = 512;
+
+/// The channel ranges of [`CHANNEL_TILE`] channels.
+fn channel_tiles(c: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..c)
+        .step_by(CHANNEL_TILE)
+        .map(move |start| start..(start + CHANNEL_TILE).min(c))
+}
+
+/// Target elements per piece of a block for the two-pass statistics: the piece is read twice,
+/// the second time from cache (128 KiB of f32, 256 KiB of f64, inside a 1 MiB L2).
+const PIECE_ELEMENTS: usize = 1 << 15;
 
 /// The `(N, C, S)` view of an input of shape `(N, C, *spatial)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,9 +76,12 @@ impl Dims {
         self.n * self.row()
     }
 
-    /// Rows per chunk: a fixed function of the shape.
-    fn chunk_rows(&self) -> usize {
-        (CHUNK_ELEMENTS / self.row().max(1)).max(1)
+    /// Rows per block: a fixed function of the shape. At most [`MAX_BLOCKS`] blocks, each at
+    /// least a piece's worth of elements (smaller blocks cost more in partials than they share).
+    fn block_rows(&self) -> usize {
+        let by_count = self.n.div_ceil(MAX_BLOCKS);
+        let by_size = PIECE_ELEMENTS.div_ceil(self.row().max(1));
+        by_count.max(by_size).max(1)
     }
 
     fn parallel(&self) -> bool {
@@ -66,74 +89,116 @@ impl Dims {
     }
 }
 
-/// Runs `work` on each chunk of rows (as an element range) and returns the results in order,
-/// on several threads for large inputs.
-fn per_chunk<R: Send>(dims: Dims, work: impl Fn(Range<usize>) -> R + Sync + Send) -> Vec<R> {
-    let rows = dims.chunk_rows();
-    let chunks = dims.n.div_ceil(rows);
+/// Runs `work` on each block of rows (as an element range) and returns the results in block
+/// order, on several threads for large inputs.
+#[inline(always)]
+fn per_block<R: Send>(dims: Dims, work: impl Fn(Range<usize>) -> R + Sync + Send) -> Vec<R> {
+    let rows = dims.block_rows();
+    let blocks = dims.n.div_ceil(rows);
     let range = |i: usize| i * rows * dims.row()..((i + 1) * rows).min(dims.n) * dims.row();
     if dims.parallel() {
-        (0..chunks).into_par_iter().map(|i| work(range(i))).collect()
+        (0..blocks).into_par_iter().map(|i| work(range(i))).collect()
     } else {
-        (0..chunks).map(|i| work(range(i))).collect()
+        (0..blocks).map(|i| work(range(i))).collect()
     }
 }
 
-/// Per-channel sums: `accumulate(range, acc)` adds a chunk's contributions into `acc`
-/// (`K` sums per channel, laid out `acc[k * C + channel]`); chunks are combined in order.
-fn channel_sums<const K: usize>(
-    dims: Dims,
-    accumulate: impl Fn(Range<usize>, &mut [f64]) + Sync,
-) -> Vec<f64> {
-    let partials = per_chunk(dims, |range| {
-        let mut acc = vec![0.0; K * dims.c];
-        accumulate(range, &mut acc);
-        acc
-    });
-    let mut total = vec![0.0; K * dims.c];
-    for partial in partials {
-        for (t, p) in total.iter_mut().zip(partial) {
-            *t += p;
-        }
-    }
-    total
-}
-
-/// Fills `out` chunk by chunk: `fill(range, out_chunk)` writes elements `range` of the output.
-fn fill_chunks<T: Element>(dims: Dims, out: &mut [T], fill: impl Fn(Range<usize>, &mut [T]) + Sync) {
-    let chunk_len = dims.chunk_rows() * dims.row();
-    if chunk_len == 0 {
+/// Fills `out` block by block: `fill(range, out_block)` writes elements `range` of the output.
+#[inline(always)]
+fn fill_blocks<T: Element>(dims: Dims, out: &mut [T], fill: impl Fn(Range<usize>, &mut [T]) + Sync) {
+    let block_len = dims.block_rows() * dims.row();
+    if block_len == 0 {
         return;
     }
-    let work = |(i, chunk): (usize, &mut [T])| {
-        let start = i * chunk_len;
-        fill(start..start + chunk.len(), chunk);
+    let work = |(i, block): (usize, &mut [T])| {
+        let start = i * block_len;
+        fill(start..start + block.len(), block);
     };
     if dims.parallel() {
-        out.par_chunks_mut(chunk_len).enumerate().for_each(work);
+        out.par_chunks_mut(block_len).enumerate().for_each(work);
     } else {
-        out.chunks_mut(chunk_len).enumerate().for_each(work);
+        out.chunks_mut(block_len).enumerate().for_each(work);
     }
 }
 
-/// Sum of `term(i)` over a lane, with four independent accumulators so the additions pipeline
-/// (and vectorise) instead of waiting on each other.
-#[inline]
-fn lane_sum(len: usize, term: impl Fn(usize) -> f64) -> f64 {
-    let mut acc = [0.0f64; 4];
-    let body = len / 4 * 4;
-    let mut i = 0;
-    while i < body {
-        acc[0] += term(i);
-        acc[1] += term(i + 1);
-        acc[2] += term(i + 2);
-        acc[3] += term(i + 3);
-        i += 4;
+/// Running per-channel count, mean offset (mean minus `x₀`) and sum of squared deviations,
+/// merged piece by piece with Chan et al.'s pairwise update.
+#[derive(Debug, Clone)]
+struct Moments {
+    count: f64,
+    offset: Vec<f64>,
+    m2: Vec<f64>,
+}
+
+impl Moments {
+    fn new(c: usize) -> Self {
+        Moments {
+            count: 0.0,
+            offset: vec![0.0; c],
+            m2: vec![0.0; c],
+        }
     }
-    for j in body..len {
-        acc[j - body] += term(j);
+
+    /// Merges a piece of `count` values per channel (all channels alike) into these moments.
+    #[inline(always)]
+    fn merge(&mut self, count: f64, offset: &[f64], m2: &[f64]) {
+        let total = self.count + count;
+        if total == 0.0 {
+            return;
+        }
+        let (weight, spread) = (count / total, self.count * count / total);
+        for (((o, m), &po), &pm) in self.offset.iter_mut().zip(self.m2.iter_mut()).zip(offset).zip(m2) {
+            let delta = po - *o;
+            *o += delta * weight;
+            *m += pm + delta * delta * spread;
+        }
+        self.count = total;
     }
-    (acc[0] + acc[1]) + (acc[2] + acc[3])
+
+    /// Merges one channel's piece (for lanes of `(N, C, S)` data).
+    #[inline(always)]
+    fn merge_channel(&mut self, channel: usize, count: f64, offset: f64, m2: f64, seen: f64) {
+        let total = seen + count;
+        let delta = offset - self.offset[channel];
+        self.offset[channel] += delta * (count / total);
+        self.m2[channel] += m2 + delta * delta * (seen * count / total);
+    }
+}
+
+/// Accumulators per lane sum: eight independent partial sums that the compiler keeps in SIMD
+/// registers (a single running sum would serialise every addition).
+const LANES: usize = 8;
+
+/// Sum of `term(v)` over `values`, in eight interleaved partial sums.
+#[inline(always)]
+fn lane_sum<T: Copy>(values: &[T], term: impl Fn(T) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut blocks = values.chunks_exact(LANES);
+    for block in &mut blocks {
+        for (a, &v) in acc.iter_mut().zip(block) {
+            *a += term(v);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(blocks.remainder()) {
+        *a += term(v);
+    }
+    acc.iter().sum()
+}
+
+/// Sum of `term(g, x)` over two equally long lanes, in eight interleaved partial sums.
+#[inline(always)]
+fn lane_sum2<A: Copy, B: Copy>(a: &[A], b: &[B], term: impl Fn(A, B) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let (mut blocks_a, mut blocks_b) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (block_a, block_b) in (&mut blocks_a).zip(&mut blocks_b) {
+        for ((s, &u), &v) in acc.iter_mut().zip(block_a).zip(block_b) {
+            *s += term(u, v);
+        }
+    }
+    for ((s, &u), &v) in acc.iter_mut().zip(blocks_a.remainder()).zip(blocks_b.remainder()) {
+        *s += term(u, v);
+    }
+    acc.iter().sum()
 }
 
 /// Per-channel batch statistics.
@@ -174,42 +239,88 @@ pub fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
         .collect()
 }
 
-/// Per-channel mean and biased variance of `x`, by two passes in `f64`: the mean first, then
-/// the mean squared deviation from it (no cancellation, unlike `E[x²] - E[x]²`).
+/// Per-channel mean and biased variance of `x`, in `f64`, reading `x` from memory once.
 ///
-/// The first pass sums `x - x₀`, with `x₀` the channel's first value, and adds `x₀` back: a
+/// Each cache-sized piece (a lane of `S` values, or a few rows of `(N, C)` data) gets an exact
+/// two-pass result, its mean and then its sum of squared deviations from that mean (the second
+/// pass reads the piece from cache; no cancellation, unlike `E[x²] - E[x]²` or shifted sums,
+/// which lose digits to outliers); pieces and then blocks are merged in order with Chan et al.'s
+/// pairwise formula. Every value is taken relative to `x₀`, the channel's first value: a
 /// constant channel then sums exact zeros, so its mean is exactly its value and its variance
-/// exactly 0, whatever the value (a plain sum of 1e30 repeated is not exact in f64), and data
-/// far from zero lose less to rounding.
+/// exactly 0, whatever the value (a plain sum of 1e30 repeated is not exact in f64).
 pub fn stats<T: Element>(x: &[T], dims: Dims) -> Stats {
-    let m = dims.per_channel() as f64;
-    let reference: Vec<f64> = (0..dims.c)
-        .map(|c| x.get(c * dims.s).map_or(0.0, |v| v.as_f64()))
+    let c = dims.c;
+    let x0: Vec<f64> = (0..c)
+        .map(|ch| x.get(ch * dims.s).map_or(0.0, |v| v.as_f64()))
         .collect();
-    let sums = channel_sums::<1>(dims, |range, acc| {
-        for_each_lane(&x[range], dims, |channel, lane| {
-            let x0 = reference[channel];
-            acc[channel] += lane_sum(lane.len(), |i| lane[i].as_f64() - x0);
-        });
-    });
-    let mean: Vec<f64> = sums.iter().zip(&reference).map(|(s, x0)| x0 + s / m).collect();
-    let squares = channel_sums::<1>(dims, |range, acc| {
-        for_each_lane(&x[range], dims, |channel, lane| {
-            let mu = mean[channel];
-            acc[channel] += lane_sum(lane.len(), |i| {
-                let d = lane[i].as_f64() - mu;
-                d * d
-            });
-        });
-    });
-    let var = squares.iter().map(|s| s / m).collect();
+    let blocks = per_block(dims, |range| block_moments(&x[range], dims, &x0));
+    let mut total = Moments::new(c);
+    for block in blocks {
+        total.merge(block.count, &block.offset, &block.m2);
+    }
     let mut stats = Stats {
-        mean,
-        var,
+        mean: x0.iter().zip(&total.offset).map(|(x0, o)| x0 + o).collect(),
+        var: total.m2.iter().map(|m2| m2 / total.count).collect(),
         overflowed: Vec::new(),
     };
     rescue_overflow(x, dims, &mut stats);
     stats
+}
+
+/// (Compiled for AVX2 + FMA too, chosen at run time: the per-block workers are where the
+/// time goes.)
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
+    let c = dims.c;
+    let mut moments = Moments::new(c);
+    if dims.s == 1 {
+        let rows_per_piece = (PIECE_ELEMENTS / c.max(1)).max(1);
+        let (mut offset, mut m2) = (vec![0.0; c], vec![0.0; c]);
+        for piece in data.chunks(rows_per_piece * c) {
+            let count = (piece.len() / c) as f64;
+            for tile in channel_tiles(c) {
+                let (offset, m2, x0) = (
+                    &mut offset[tile.clone()],
+                    &mut m2[tile.clone()],
+                    &x0[tile.clone()],
+                );
+                offset.fill(0.0);
+                m2.fill(0.0);
+                for row in piece.chunks_exact(c) {
+                    for ((o, &v), &z) in offset.iter_mut().zip(&row[tile.clone()]).zip(x0) {
+                        *o += v.as_f64() - z;
+                    }
+                }
+                for o in offset.iter_mut() {
+                    *o /= count;
+                }
+                for row in piece.chunks_exact(c) {
+                    for (((m, &v), &z), &o) in
+                        m2.iter_mut().zip(&row[tile.clone()]).zip(x0).zip(offset.iter())
+                    {
+                        let d = (v.as_f64() - z) - o;
+                        *m += d * d;
+                    }
+                }
+            }
+            moments.merge(count, &offset, &m2);
+        }
+    } else {
+        let count = dims.s as f64;
+        for (row_index, row) in data.chunks_exact(dims.row()).enumerate() {
+            let seen = (row_index * dims.s) as f64;
+            for (channel, (lane, &z)) in row.chunks_exact(dims.s).zip(x0).enumerate() {
+                let offset = lane_sum(lane, |v| v.as_f64() - z) / count;
+                let m2 = lane_sum(lane, |v| {
+                    let d = (v.as_f64() - z) - offset;
+                    d * d
+                });
+                moments.merge_channel(channel, count, offset, m2, seen);
+            }
+        }
+        moments.count = (data.len() / c.max(1)) as f64;
+    }
+    moments
 }
 
 /// Only for f64 data beyond about 1e150 in magnitude, whose squares overflow: recomputes those
@@ -241,88 +352,147 @@ fn channel_values<T: Element>(x: &[T], dims: Dims, channel: usize) -> impl Itera
         .flat_map(|(_, lane)| lane.iter().map(|v| v.as_f64()))
 }
 
-/// Calls `visit(channel, lane)` for each contiguous run of one channel's values in `data`
-/// (whole rows). For `S = 1` the "lanes" are single values.
-#[inline]
-fn for_each_lane<T>(data: &[T], dims: Dims, mut visit: impl FnMut(usize, &[T])) {
-    if dims.s == 1 {
-        for row in data.chunks_exact(dims.c) {
-            for (channel, value) in row.chunks_exact(1).enumerate() {
-                visit(channel, value);
-            }
-        }
-    } else {
-        for row in data.chunks_exact(dims.row()) {
-            for (channel, lane) in row.chunks_exact(dims.s).enumerate() {
-                visit(channel, lane);
-            }
-        }
-    }
-}
-
-/// Zips two equally laid-out slices lane by lane; see [`for_each_lane`].
-#[inline]
-fn for_each_lane_pair<A, B>(a: &[A], b: &[B], dims: Dims, mut visit: impl FnMut(usize, &[A], &[B])) {
-    let s = dims.s.max(1);
-    for (i, (lane_a, lane_b)) in a.chunks_exact(s).zip(b.chunks_exact(s)).enumerate() {
-        visit(i % dims.c, lane_a, lane_b);
-    }
-}
-
 /// Per-channel affine map `out = (x - mean) · scale + shift`, evaluated in f64 and rounded once.
 /// With `scale = gamma · inv_std` and `shift = beta` it is the BatchNorm output; `x == mean`
 /// gives exactly `shift`.
 pub fn normalize<T: Element>(x: &[T], dims: Dims, mean: &[f64], scale: &[f64], shift: &[f64]) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
-    fill_chunks(dims, &mut out, |range, out| {
-        let x = &x[range];
-        if dims.s == 1 {
-            for (out_row, x_row) in out.chunks_exact_mut(dims.c).zip(x.chunks_exact(dims.c)) {
-                for c in 0..dims.c {
-                    out_row[c] = T::from_f64_lossy((x_row[c].as_f64() - mean[c]) * scale[c] + shift[c]);
+    let affine = Affine {
+        mean,
+        scale,
+        xmu_scale: &[],
+        shift,
+    };
+    fill_blocks(dims, &mut out, |range, out| {
+        block_affine(&x[range.clone()], None, out, dims, &affine)
+    });
+    out
+}
+
+/// Per-channel coefficients of the affine maps written by [`normalize`] and [`input_grad`]:
+/// `out = scale · g + xmu_scale · (x - mean) + shift` with `g = dout` (backward), or
+/// `out = scale · (x - mean) + shift` when there is no `dout` (forward).
+struct Affine<'a> {
+    mean: &'a [f64],
+    scale: &'a [f64],
+    xmu_scale: &'a [f64],
+    shift: &'a [f64],
+}
+
+/// Writes one block of an affine map (see [`Affine`]), in f64, rounding once.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn block_affine<T: Element>(x: &[T], dout: Option<&[T]>, out: &mut [T], dims: Dims, affine: &Affine<'_>) {
+    let Affine {
+        mean,
+        scale,
+        xmu_scale,
+        shift,
+    } = *affine;
+    if dims.s == 1 {
+        // (N, C) rows, a tile of channels at a time (see CHANNEL_TILE).
+        let c = dims.c;
+        for tile in channel_tiles(c) {
+            let (mean, scale, shift) = (&mean[tile.clone()], &scale[tile.clone()], &shift[tile.clone()]);
+            let rows = out.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate();
+            for (i, (out_row, x_row)) in rows {
+                let (out_row, x_row) = (&mut out_row[tile.clone()], &x_row[tile.clone()]);
+                let coefficients = mean.iter().zip(scale).zip(shift);
+                match dout {
+                    None => {
+                        for ((o, &v), ((mu, a), b)) in out_row.iter_mut().zip(x_row).zip(coefficients) {
+                            *o = T::from_f64_lossy((v.as_f64() - mu) * a + b);
+                        }
+                    }
+                    Some(dout) => {
+                        let g_row = &dout[i * c..(i + 1) * c][tile.clone()];
+                        let with_k = coefficients.zip(&xmu_scale[tile.clone()]);
+                        for (((d, &g), &v), (((mu, a), b), k)) in
+                            out_row.iter_mut().zip(g_row).zip(x_row).zip(with_k)
+                        {
+                            *d = T::from_f64_lossy(a * g.as_f64() + k * (v.as_f64() - mu) + b);
+                        }
+                    }
                 }
             }
-        } else {
-            for (i, (out_lane, x_lane)) in out
-                .chunks_exact_mut(dims.s)
-                .zip(x.chunks_exact(dims.s))
-                .enumerate()
-            {
-                let c = i % dims.c;
-                let (mu, a, b) = (mean[c], scale[c], shift[c]);
+        }
+        return;
+    }
+    // (N, C, S): one lane of S values per channel and row, with scalar coefficients.
+    let lanes = out
+        .chunks_exact_mut(dims.s)
+        .zip(x.chunks_exact(dims.s))
+        .enumerate();
+    for (i, (out_lane, x_lane)) in lanes {
+        let ch = i % dims.c;
+        let (mu, a, b) = (mean[ch], scale[ch], shift[ch]);
+        match dout {
+            None => {
                 for (o, &v) in out_lane.iter_mut().zip(x_lane) {
                     *o = T::from_f64_lossy((v.as_f64() - mu) * a + b);
                 }
             }
+            Some(dout) => {
+                let k = xmu_scale[ch];
+                for ((d, &g), &v) in out_lane
+                    .iter_mut()
+                    .zip(&dout[i * dims.s..(i + 1) * dims.s])
+                    .zip(x_lane)
+                {
+                    *d = T::from_f64_lossy(a * g.as_f64() + k * (v.as_f64() - mu) + b);
+                }
+            }
         }
-    });
-    out
+    }
 }
 
 /// The two per-channel sums backward needs, in one pass reading `dout` and `x`:
 /// `sum(dout)` and `sum(dout · (x - mean))`.
 pub fn grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, mean: &[f64]) -> (Vec<f64>, Vec<f64>) {
     let c = dims.c;
-    let sums = channel_sums::<2>(dims, |range, acc| {
-        let (dout, x) = (&dout[range.clone()], &x[range]);
-        if dims.s == 1 {
-            for (g_row, x_row) in dout.chunks_exact(c).zip(x.chunks_exact(c)) {
-                for ch in 0..c {
-                    let g = g_row[ch].as_f64();
-                    acc[ch] += g;
-                    acc[c + ch] += g * (x_row[ch].as_f64() - mean[ch]);
-                }
-            }
-        } else {
-            for_each_lane_pair(dout, x, dims, |ch, g, x| {
-                let mu = mean[ch];
-                acc[ch] += lane_sum(g.len(), |i| g[i].as_f64());
-                acc[c + ch] += lane_sum(g.len(), |i| g[i].as_f64() * (x[i].as_f64() - mu));
-            });
-        }
+    let partials = per_block(dims, |range| {
+        block_grad_sums(&dout[range.clone()], &x[range], dims, mean)
     });
-    let (sum_dout, sum_dout_xmu) = sums.split_at(c);
-    (sum_dout.to_vec(), sum_dout_xmu.to_vec())
+    let (mut sum_dout, mut sum_dout_xmu) = (vec![0.0; c], vec![0.0; c]);
+    for (block_dout, block_dout_xmu) in partials {
+        for ch in 0..c {
+            sum_dout[ch] += block_dout[ch];
+            sum_dout_xmu[ch] += block_dout_xmu[ch];
+        }
+    }
+    (sum_dout, sum_dout_xmu)
+}
+
+/// `sum(dout)` and `sum(dout · (x - mean))` per channel over one block.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn block_grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, mean: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let c = dims.c;
+    let mut sum_dout = vec![0.0; c];
+    let mut sum_dout_xmu = vec![0.0; c];
+    if dims.s == 1 {
+        for (g_row, x_row) in dout.chunks_exact(c).zip(x.chunks_exact(c)) {
+            let terms = sum_dout
+                .iter_mut()
+                .zip(sum_dout_xmu.iter_mut())
+                .zip(g_row)
+                .zip(x_row)
+                .zip(mean);
+            for ((((sg, sgx), &g), &v), mu) in terms {
+                let g = g.as_f64();
+                *sg += g;
+                *sgx += g * (v.as_f64() - mu);
+            }
+        }
+    } else {
+        for (g_row, x_row) in dout.chunks_exact(dims.row()).zip(x.chunks_exact(dims.row())) {
+            let lanes = g_row.chunks_exact(dims.s).zip(x_row.chunks_exact(dims.s));
+            let sums = sum_dout.iter_mut().zip(sum_dout_xmu.iter_mut()).zip(mean);
+            for ((g, v), ((sg, sgx), &mu)) in lanes.zip(sums) {
+                *sg += lane_sum(g, |g| g.as_f64());
+                *sgx += lane_sum2(g, v, |g, v| g.as_f64() * (v.as_f64() - mu));
+            }
+        }
+    }
+    (sum_dout, sum_dout_xmu)
 }
 
 /// The input gradient, one pass writing `dx`, an affine map of `dout` and `x - mean` per
@@ -342,21 +512,14 @@ pub fn input_grad<T: Element>(
     offset: &[f64],
 ) -> Vec<T> {
     let mut dx = vec![T::zero(); x.len()];
-    fill_chunks(dims, &mut dx, |range, dx| {
-        let (dout, x) = (&dout[range.clone()], &x[range]);
-        let s = dims.s.max(1);
-        for (i, ((dx_lane, g_lane), x_lane)) in dx
-            .chunks_exact_mut(s)
-            .zip(dout.chunks_exact(s))
-            .zip(x.chunks_exact(s))
-            .enumerate()
-        {
-            let c = i % dims.c;
-            let (mu, a, k, b) = (mean[c], grad_scale[c], xmu_scale[c], offset[c]);
-            for ((d, &g), &v) in dx_lane.iter_mut().zip(g_lane).zip(x_lane) {
-                *d = T::from_f64_lossy(a * g.as_f64() + k * (v.as_f64() - mu) + b);
-            }
-        }
+    let affine = Affine {
+        mean,
+        scale: grad_scale,
+        xmu_scale,
+        shift: offset,
+    };
+    fill_blocks(dims, &mut dx, |range, dx| {
+        block_affine(&x[range.clone()], Some(&dout[range]), dx, dims, &affine);
     });
     dx
 }
@@ -381,7 +544,7 @@ mod tests {
     #[test]
     fn chunking_is_independent_of_the_thread_count() {
         // Big enough to run in parallel; rerun on a one-thread pool and compare bits.
-        let d = dims(4096, 3, 17);
+        let d = dims(8192, 3, 17);
         let x: Vec<f32> = (0..d.len())
             .map(|i| ((i * 7919) % 1013) as f32 * 0.37 - 100.0)
             .collect();
@@ -403,6 +566,53 @@ mod tests {
         assert_eq!(many, one);
     }
 
+    fn compensated_sum(values: impl Iterator<Item = f64>) -> f64 {
+        let (mut sum, mut compensation) = (0.0f64, 0.0f64);
+        for v in values {
+            let t = sum + v;
+            compensation += if sum.abs() >= v.abs() {
+                (sum - t) + v
+            } else {
+                (v - t) + sum
+            };
+            sum = t;
+        }
+        sum + compensation
+    }
+
+    #[test]
+    fn outliers_do_not_cost_accuracy() {
+        // A huge value starts every lane and the channel (x₀), the rest is small noise around 3.
+        for d in [dims(40_000, 2, 1), dims(6, 2, 5_000)] {
+            let x: Vec<f64> = (0..d.len())
+                .map(|i| {
+                    if i % 997 == 0 || i % d.s.max(1) == 0 && d.s > 1 {
+                        1e8
+                    } else {
+                        3.0 + ((i * 7919) % 101) as f64 * 1e-3
+                    }
+                })
+                .collect();
+            let st = stats(&x, d);
+            for c in 0..2 {
+                // The reference sums with Neumaier's compensation: a plain sum of these values is
+                // itself off by ~1e-12.
+                let values: Vec<f64> = channel_values(&x, d, c).collect();
+                let n = values.len() as f64;
+                let mean = compensated_sum(values.iter().copied()) / n;
+                let var = compensated_sum(values.iter().map(|v| (v - mean).powi(2))) / n;
+                // What normalization uses is (x - mean) / std: the mean's error is measured in
+                // standard deviations (here the mean is 1e5 but x₀, the shift, is 1e8).
+                assert!(
+                    (st.mean[c] - mean).abs() <= 1e-12 * var.sqrt(),
+                    "{} vs {mean}",
+                    st.mean[c]
+                );
+                approx::assert_relative_eq!(st.var[c], var, max_relative = 1e-12);
+            }
+        }
+    }
+
     #[test]
     fn inv_std_handles_zero_and_overflowing_variance() {
         assert_eq!(inv_std(&[4.0, 0.0], 0.0), vec![0.5, 0.0]);
@@ -418,9 +628,28 @@ mod tests {
     }
 
     #[test]
-    fn lane_sum_adds_every_term() {
-        for len in 0..11 {
-            assert_eq!(lane_sum(len, |i| (i + 1) as f64), (len * (len + 1) / 2) as f64);
+    fn lane_sums_add_every_term() {
+        for len in 0..20 {
+            let values: Vec<f64> = (1..=len).map(|i| i as f64).collect();
+            assert_eq!(lane_sum(&values, |v| v), (len * (len + 1) / 2) as f64);
+            assert_eq!(lane_sum2(&values, &values, |a, b| a - b + 1.0), len as f64);
+        }
+    }
+
+    #[test]
+    fn chunked_statistics_match_a_direct_computation() {
+        // Many chunks (rows of 3 × 5 values, 1092 rows per chunk): the merge must be exact enough.
+        let d = dims(5000, 3, 5);
+        let x: Vec<f64> = (0..d.len())
+            .map(|i| ((i * 7919) % 1013) as f64 * 0.37 + 1e3 * (i % 3) as f64)
+            .collect();
+        let st = stats(&x, d);
+        for c in 0..3 {
+            let values: Vec<f64> = channel_values(&x, d, c).collect();
+            let mean = values.iter().sum::<f64>() / values.len() as f64;
+            let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / values.len() as f64;
+            approx::assert_relative_eq!(st.mean[c], mean, max_relative = 1e-13);
+            approx::assert_relative_eq!(st.var[c], var, max_relative = 1e-12);
         }
     }
 }

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Time PyTorch's own CPU BatchNorm kernels on the grid of `cargo run --release --example bench`.
+
+Times `torch.ops.aten.native_batch_norm` (training mode) followed by
+`torch.ops.aten.native_batch_norm_backward` (all three gradients), the pair PyTorch's autograd
+runs for `F.batch_norm`, and prints one JSON line per case:
+
+    {"dtype": "f32", "shape": [4096, 4096], "torch_us": <median fwd+bwd>, "torch": "2.13.0", "threads": 2}
+
+Given the Rust benchmark's output (`--ours FILE`, or `-` for stdin), it prints instead a table
+of ours / PyTorch per case, with the targets of the performance issue:
+
+    cargo run --release --example bench > ours.jsonl
+    python3 benches/pytorch_reference.py --ours ours.jsonl
+
+Needs `torch` (CPU is enough). Runs on as many threads as the Rust side (2 by default).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+GRID = [(8, 4), (64, 64), (256, 1024), (1024, 64), (4096, 4096), (65536, 256), (32, 64, 56, 56)]
+QUICK = [(8, 4), (64, 64), (256, 1024), (4096, 4096)]
+
+
+def parse_shape(text):
+    try:
+        shape = tuple(int(d) for d in text.replace(",", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 4096x4096")
+    if not 2 <= len(shape) <= 5:
+        raise argparse.ArgumentTypeError(f"{text!r} has rank {len(shape)}, expected 2 to 5")
+    return shape
+
+
+def time_case(torch, shape, dtype, min_runs, min_seconds):
+    """Median wall time in microseconds of one forward + backward."""
+    torch.manual_seed(0)
+    x = 1.0 + 2.0 * torch.randn(shape, dtype=dtype)
+    grad = 1.0 + 2.0 * torch.randn(shape, dtype=dtype)
+    weight = torch.ones(shape[1], dtype=dtype)
+    bias = torch.zeros(shape[1], dtype=dtype)
+    aten = torch.ops.aten
+
+    def run():
+        out, save_mean, save_invstd = aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, 1e-5)
+        grads = aten.native_batch_norm_backward(
+            grad, x, weight, None, None, save_mean, save_invstd, True, 1e-5, [True, True, True]
+        )
+        return out, grads
+
+    run()  # warm-up
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < 10_000):
+        t = time.perf_counter()
+        result = run()
+        del result  # free the outputs inside the timed region, as the Rust side does
+        times.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(times)
+
+
+def measure(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    shapes = args.shape or (QUICK if args.quick else GRID)
+    dtypes = [args.dtype] if args.dtype else ["f32", "f64"]
+    min_runs, min_seconds = (3, 0.2) if args.quick else (11, 1.0)
+    for name in dtypes:
+        dtype = {"f32": torch.float32, "f64": torch.float64}[name]
+        for shape in shapes:
+            us = time_case(torch, shape, dtype, min_runs, min_seconds)
+            line = {"dtype": name, "shape": list(shape), "torch_us": round(us, 1),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()}
+            print(json.dumps(line), flush=True)
+            yield line
+
+
+def compare(args):
+    source = sys.stdin if args.ours == "-" else open(args.ours)
+    ours = [json.loads(line) for line in source if line.strip().startswith("{")]
+    args.shape = args.shape or [tuple(o["shape"]) for o in ours if o["dtype"] == ours[0]["dtype"]]
+    theirs = {(t["dtype"], tuple(t["shape"])): t for t in measure(args)}
+    print()
+    print("| dtype | shape | ours (us) | PyTorch (us) | ours / PyTorch | target | composed / fused | fused / traffic bound |")
+    print("|---|---|---:|---:|---:|---|---:|---:|")
+    for o in ours:
+        key = (o["dtype"], tuple(o["shape"]))
+        if key not in theirs:
+            continue
+        elements = 1
+        for d in o["shape"]:
+            elements *= d
+        ratio = o["fused_us"] / theirs[key]["torch_us"]
+        target = "<= 0.6" if elements >= 1 << 20 else "<= 0.1" if elements <= 4096 else "-"
+        limit = 0.6 if elements >= 1 << 20 else 0.1 if elements <= 4096 else None
+        verdict = "" if limit is None else (" ok" if ratio <= limit else " MISSED")
+        composed = f"{o['composed_us'] / o['fused_us']:.1f}x" if o["composed_us"] else "-"
+        bound = o["fused_us"] / o["traffic_bound_us"] if o["traffic_bound_us"] > 0 else float("nan")
+        print(f"| {o['dtype']} | {'x'.join(map(str, o['shape']))} | {o['fused_us']:.1f} | {theirs[key]['torch_us']:.1f} "
+              f"| {ratio:.3f} | {target}{verdict} | {composed} | {bound:.2f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a subset of the grid, fewer repetitions")
+    parser.add_argument("--dtype", choices=["f32", "f64"], help="only this element type")
+    parser.add_argument("--shape", type=parse_shape, action="append", help="only this shape, like 4096x4096 (repeatable)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--ours", help="the Rust benchmark's JSON lines (a file, or - for stdin): print ratios")
+    args = parser.parse_args()
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit("benches/pytorch_reference.py needs torch: pip install torch")
+    if args.ours:
+        compare(args)
+    else:
+        for _ in measure(args):
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+//! Times BatchNorm forward + backward on the tape: the fused node against the same computation
+//! composed from primitives, beside the memory-traffic bound measured in the same run.
+//!
+//! ```sh
+//! cargo run --release --example bench                      # the whole grid, f32 and f64
+//! cargo run --release --example bench -- --quick           # a subset, fewer repetitions
+//! cargo run --release --example bench -- --dtype f32 --shape 4096x4096
+//! ```
+//!
+//! Prints one JSON line per case on stdout:
+//! `{"dtype": "f32", "shape": [4096, 4096], "fused_us": ..., "composed_us": ..., "fused_saved_bytes": ...,
+//! "composed_saved_bytes": ..., "copy_gbps": ..., "traffic_bound_us": ...}`, where times are medians of
+//! whole forward + backward passes (tape built, node run, gradients computed, everything freed),
+//! `composed_us` is `null` above 20M elements, and `traffic_bound_us` is the time to move 7 reads + 2
+//! writes of the input at `copy_gbps` (the best of a single- and a multi-threaded copy of 256 MiB,
+//! counting bytes read plus bytes written). A readable summary goes to stderr.
+//! Feed the output to `benches/pytorch_reference.py --ours FILE` for the ratios to PyTorch.
+
+// Every pass allocates and frees input-sized arrays. The system allocator returns them to the
+// OS, so each new one pays a page fault per 4 KiB on first write (64 MiB: 40 ms here, more than
+// the whole computation); a caching allocator reuses the pages, as a training loop wants.
+// `--features system-alloc` measures with the system allocator instead.
+#[cfg(not(feature = "system-alloc"))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use layers::{batch_norm, batch_norm_composed};
+use ndarray::{Array1, ArrayD, IxDyn};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+use tape::{Element, Tape};
+
+const GRID: [&[usize]; 7] = [
+    &[8, 4],
+    &[64, 64],
+    &[256, 1024],
+    &[1024, 64],
+    &[4096, 4096],
+    &[65536, 256],
+    &[32, 64, 56, 56],
+];
+const QUICK: [&[usize]; 4] = [&[8, 4], &[64, 64], &[256, 1024], &[4096, 4096]];
+const COMPOSED_MAX_ELEMENTS: usize = 20_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Dtype {
+    F32,
+    F64,
+}
+
+/// Benchmark fused vs composed BatchNorm forward + backward.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Run a subset of the grid with fewer repetitions.
+    #[arg(long)]
+    quick: bool,
+    /// Only this element type.
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
+    /// Only this shape, as NxC or NxCxHxW (repeat for several).
+    #[arg(long, value_parser = parse_shape)]
+    shape: Vec<Vec<usize>>,
+}
+
+fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
+    let shape: Vec<usize> = text
+        .split(['x', ','])
+        .map(|d| {
+            d.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{d:?} in {text:?} is not a whole number"))
+        })
+        .collect::<Result<_, _>>()?;
+    if (2..=5).contains(&shape.len()) {
+        Ok(shape)
+    } else {
+        Err(format!(
+            "{text:?} has rank {}, expected 2 to 5 (like 4096x4096)",
+            shape.len()
+        ))
+    }
+}
+
+/// Repetition budget: at least `min_runs`, and until `min_time` has passed (at most 10 000).
+#[derive(Clone, Copy)]
+struct Budget {
+    min_runs: usize,
+    min_time: Duration,
+}
+
+/// Median of `run()`'s wall time; `setup()` (not timed) makes each run's inputs.
+fn median_us<I>(budget: Budget, mut setup: impl FnMut() -> I, mut run: impl FnMut(I)) -> f64 {
+    run(setup()); // warm-up: page in code and buffers
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < budget.min_runs || (start.elapsed() < budget.min_time && times.len() < 10_000) {
+        let input = setup();
+        let t = Instant::now();
+        run(input);
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Copy bandwidth in GB/s (bytes read + bytes written per second): the best of a single- and
+/// a multi-threaded copy of a buffer far larger than the caches.
+fn copy_gbps() -> f64 {
+    let len = 256 << 20 >> 3; // 256 MiB of f64
+    let source = vec![1.0f64; len];
+    let mut target = vec![0.0f64; len];
+    let bytes = 2.0 * (len * 8) as f64;
+    let mut best = 0.0f64;
+    for parallel in [false, true] {
+        for _ in 0..5 {
+            let t = Instant::now();
+            if parallel {
+                target
+                    .par_chunks_mut(1 << 16)
+                    .zip(source.par_chunks(1 << 16))
+                    .for_each(|(t, s)| t.copy_from_slice(s));
+            } else {
+                target.copy_from_slice(&source);
+            }
+            black_box(&target);
+            best = best.max(bytes / t.elapsed().as_secs_f64() / 1e9);
+        }
+    }
+    best
+}
+
+fn normal<T: Element>(shape: &[usize], rng: &mut StdRng) -> ArrayD<T> {
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+        let z: f64 = StandardNormal.sample(&mut *rng);
+        T::from_f64_lossy(1.0 + 2.0 * z)
+    })
+}
+
+/// One forward + backward on a fresh tape; returns the bytes the tape kept for backward.
+fn pass<T: Element>(
+    composed: bool,
+    (x, gamma, beta, dout): (ArrayD<T>, Array1<T>, Array1<T>, ArrayD<T>),
+) -> usize {
+    let tape = Tape::new();
+    let (x, gamma, beta) = (tape.var(x), tape.var(gamma), tape.var(beta));
+    let y = if composed {
+        batch_norm_composed(x, gamma, beta, 1e-5)
+    } else {
+        batch_norm(x, gamma, beta, 1e-5)
+    };
+    let y = y.unwrap_or_else(|e| panic!("benchmark inputs are valid: {e}"));
+    let saved = tape.saved_bytes();
+    let grads = y
+        .backward_with(dout)
+        .unwrap_or_else(|e| panic!("benchmark gradient is valid: {e}"));
+    black_box(grads.get(x).map(|g| g.len()));
+    saved
+}
+
+fn case<T: Element>(shape: &[usize], budget: Budget, copy_gbps: f64) -> String {
+    let mut rng = StdRng::seed_from_u64(0);
+    let c = shape[1];
+    let x = normal::<T>(shape, &mut rng);
+    let dout = normal::<T>(shape, &mut rng);
+    let (gamma, beta) = (Array1::<T>::ones(c), Array1::<T>::zeros(c));
+    let inputs = || (x.clone(), gamma.clone(), beta.clone(), dout.clone());
+    let elements = x.len();
+
+    let fused_saved = pass::<T>(false, inputs());
+    let fused_us = median_us(budget, inputs, |i| {
+        pass::<T>(false, i);
+    });
+    let (composed_us, composed_saved) = if elements <= COMPOSED_MAX_ELEMENTS {
+        let saved = pass::<T>(true, inputs());
+        let budget = Budget {
+            min_runs: budget.min_runs.min(5),
+            ..budget
+        };
+        let us = median_us(budget, inputs, |i| {
+            pass::<T>(true, i);
+        });
+        (format!("{us:.1}"), saved.to_string())
+    } else {
+        ("null".to_string(), "null".to_string())
+    };
+    let traffic_bound_us = 9.0 * (elements * std::mem::size_of::<T>()) as f64 / (copy_gbps * 1e9) * 1e6;
+    eprintln!(
+        "{:>4} {:<18} fused {:>10.1} us ({:>5.2} x traffic bound)   composed {:>10} us   saved bytes {} vs {}",
+        T::NAME,
+        format!("{shape:?}"),
+        fused_us,
+        fused_us / traffic_bound_us,
+        composed_us,
+        fused_saved,
+        composed_saved
+    );
+    format!(
+        "{{\"dtype\": \"{}\", \"shape\": {shape:?}, \"fused_us\": {fused_us:.1}, \"composed_us\": {composed_us}, \
+         \"fused_saved_bytes\": {fused_saved}, \"composed_saved_bytes\": {composed_saved}, \"copy_gbps\": {copy_gbps:.2}, \
+         \"traffic_bound_us\": {traffic_bound_us:.3}}}",
+        T::NAME
+    )
+}
+
+fn main() {
+    let args = Args::parse();
+    let shapes: Vec<Vec<usize>> = if !args.shape.is_empty() {
+        args.shape.clone()
+    } else if args.quick {
+        QUICK.iter().map(|s| s.to_vec()).collect()
+    } else {
+        GRID.iter().map(|s| s.to_vec()).collect()
+    };
+    let dtypes: Vec<Dtype> = args.dtype.map_or(vec![Dtype::F32, Dtype::F64], |d| vec![d]);
+    let budget = if args.quick {
+        Budget {
+            min_runs: 3,
+            min_time: Duration::from_millis(200),
+        }
+    } else {
+        Budget {
+            min_runs: 11,
+            min_time: Duration::from_secs(1),
+        }
+    };
+    let copy_gbps = copy_gbps();
+    let allocator = if cfg!(feature = "system-alloc") {
+        "system"
+    } else {
+        "mimalloc"
+    };
+    eprintln!(
+        "copy bandwidth {copy_gbps:.2} GB/s (read + write), {} rayon threads, {allocator} allocator",
+        rayon::current_num_threads()
+    );
+    for dtype in dtypes {
+        for shape in &shapes {
+            let line = match dtype {
+                Dtype::F32 => case::<f32>(shape, budget, copy_gbps),
+                Dtype::F64 => case::<f64>(shape, budget, copy_gbps),
+            };
+            println!("{line}");
+        }
+    }
+}
