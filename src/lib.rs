@@ -2,7 +2,9 @@
 //! Normalization node ([`layers`]). This root package re-exports both and owns the examples
 //! and the cross-crate tests.
 
+pub mod digits;
 pub mod golden;
+pub mod train;
 
 pub use layers;
 pub use tape;

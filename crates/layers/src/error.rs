@@ -58,6 +58,26 @@ pub enum Error {
         /// The value given.
         got: f64,
     },
+    /// A class label is not below the number of classes.
+    #[error("label {label} at row {row} is out of range for {classes} classes")]
+    Label {
+        /// The row of the label.
+        row: usize,
+        /// The label.
+        label: usize,
+        /// The number of classes (columns of the logits).
+        classes: usize,
+    },
+    /// An optimizer was given a different set of parameters than before.
+    #[error(
+        "optimizer state holds {expected} parameters, got {got}; use one optimizer per set of parameters"
+    )]
+    ParameterCount {
+        /// Parameters the state was made for.
+        expected: usize,
+        /// Parameters given now.
+        got: usize,
+    },
     /// A state dictionary lacks a key the layer needs.
     #[error("state dict has no {key:?}; expected keys {expected:?}")]
     MissingKey {

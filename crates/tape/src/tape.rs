@@ -110,6 +110,11 @@ impl<T: Element> Tape<T> {
         self.constant(ndarray::arr0(value))
     }
 
+    /// Every node recorded so far, in creation order (backward visits them in reverse).
+    pub fn vars(&self) -> Vec<Var<'_, T>> {
+        (0..self.len()).map(|index| Var { tape: self, index }).collect()
+    }
+
     /// The `Var` with this identity, if it belongs to this tape.
     pub fn get(&self, id: VarId) -> Option<Var<'_, T>> {
         (id.tape == self.id && id.index < self.len()).then_some(Var {
@@ -383,6 +388,24 @@ impl<'t, T: Element> Var<'t, T> {
         }
     }
 
+    /// What made this node: `"var"` or `"const"` for a leaf, else the op's name (`"mul"`,
+    /// `"batch_norm"`, ...).
+    pub fn op_name(&self) -> String {
+        match &self.tape.nodes.borrow()[self.index].kind {
+            NodeKind::Variable => "var".into(),
+            NodeKind::Constant => "const".into(),
+            NodeKind::Op { op, .. } => op.name().to_string(),
+        }
+    }
+
+    /// The tape indices of this node's inputs (empty for a leaf).
+    pub fn inputs(&self) -> Vec<usize> {
+        match &self.tape.nodes.borrow()[self.index].kind {
+            NodeKind::Op { inputs, .. } => inputs.clone(),
+            NodeKind::Variable | NodeKind::Constant => Vec::new(),
+        }
+    }
+
     /// Whether backward will compute a gradient for this node.
     pub fn requires_grad(&self) -> bool {
         self.tape.requires_grad_of(self.index)
@@ -564,6 +587,25 @@ mod tests {
         assert_eq!(
             y.sum().backward().unwrap_err().to_string(),
             "broken: gradient for input 0 has shape [3], expected [2]"
+        );
+    }
+
+    #[test]
+    fn nodes_can_be_listed_with_their_ops_and_inputs() {
+        let tape = Tape::<f64>::new();
+        let x = tape.var(array![1.0, 2.0]);
+        let c = tape.constant(array![3.0, 4.0]);
+        let _ = (x * c).sum();
+        let listing: Vec<(String, Vec<usize>)> =
+            tape.vars().iter().map(|v| (v.op_name(), v.inputs())).collect();
+        assert_eq!(
+            listing,
+            vec![
+                ("var".into(), vec![]),
+                ("const".into(), vec![]),
+                ("mul".into(), vec![0, 1]),
+                ("sum".into(), vec![2])
+            ]
         );
     }
 

@@ -1,0 +1,232 @@
+//! The main job: train the same multilayer perceptron on real handwritten digits with and
+//! without BatchNorm, at a normal and at a high learning rate, and show what BatchNorm changes.
+//!
+//! ```sh
+//! cargo run --release --example train                 # defaults finish in well under a minute
+//! cargo run --release --example train -- --help       # steps, learning rates, batch size, seed, output folder
+//! ```
+//!
+//! Prints a progress bar per run, then a table (test accuracy, steps to 90%, wall time), and
+//! writes to the output folder: `accuracy.png` and `accuracy.svg` (test accuracy against steps)
+//! and `summary.json`.
+
+// Each step allocates and frees arrays; mimalloc reuses them (see examples/bench.rs).
+#[cfg(not(feature = "system-alloc"))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+
+use bnorm::digits::{self, Standardizer};
+use bnorm::train::{self, RunConfig, RunResult};
+use clap::Parser;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use plotters::prelude::*;
+
+/// Train a 3 × 100 sigmoid MLP on handwritten digits, with and without BatchNorm.
+#[derive(Parser, Debug)]
+#[command(about, long_about = None)]
+struct Args {
+    /// Optimisation steps per run (mini-batches).
+    #[arg(long, default_value_t = 1500)]
+    steps: usize,
+    /// SGD learning rate of the first pair of runs (momentum 0.9).
+    #[arg(long, default_value_t = 0.05)]
+    lr: f64,
+    /// Learning rate of the second pair of runs, to show BatchNorm tolerating a high one.
+    #[arg(long, default_value_t = 1.0)]
+    high_lr: f64,
+    /// Images per mini-batch (60, as in the paper).
+    #[arg(long, default_value_t = 60)]
+    batch_size: usize,
+    /// Seed of the split, the initial weights and the batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Measure test accuracy every this many steps.
+    #[arg(long, default_value_t = 10)]
+    eval_every: usize,
+    /// Folder for accuracy.png, accuracy.svg and summary.json.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// The digits data (gzipped CSV, see data/README.md).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz"))]
+    data: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn Error>> {
+    let args = Args::parse();
+    if args.steps == 0 || args.batch_size == 0 || args.eval_every == 0 {
+        return Err("--steps, --batch-size and --eval-every must be at least 1".into());
+    }
+    let data = digits::load(&args.data)?;
+    let (train_raw, test_raw) = digits::split(&data, 0.2, args.seed);
+    if args.batch_size > train_raw.len() {
+        return Err(format!(
+            "--batch-size {} is larger than the {} training images",
+            args.batch_size,
+            train_raw.len()
+        )
+        .into());
+    }
+    let scaler = Standardizer::fit(&train_raw);
+    let (train_set, test_set) = (scaler.apply(&train_raw), scaler.apply(&test_raw));
+    println!(
+        "digits: {} training and {} test images (8x8, standardised on the training split); \
+         MLP 64 -> 3 x 100 sigmoid -> 10, SGD with momentum 0.9, batch {}",
+        train_set.len(),
+        test_set.len(),
+        args.batch_size
+    );
+
+    let configs: Vec<RunConfig> = [
+        (args.lr, false),
+        (args.lr, true),
+        (args.high_lr, false),
+        (args.high_lr, true),
+    ]
+    .into_iter()
+    .map(|(learning_rate, batchnorm)| RunConfig {
+        name: format!(
+            "{} lr={learning_rate}",
+            if batchnorm { "BatchNorm" } else { "plain" }
+        ),
+        batchnorm,
+        learning_rate,
+        steps: args.steps,
+        batch_size: args.batch_size,
+        seed: args.seed,
+        eval_every: args.eval_every,
+    })
+    .collect();
+
+    let bars = MultiProgress::new();
+    let style =
+        ProgressStyle::with_template("{prefix:>22} [{bar:30}] {pos:>5}/{len} steps  test accuracy {msg}")?
+            .progress_chars("=> ");
+    let mut results = Vec::new();
+    for config in &configs {
+        let bar = bars.add(
+            ProgressBar::new(config.steps as u64)
+                .with_style(style.clone())
+                .with_prefix(config.name.clone()),
+        );
+        let result = train::run(config, &train_set, &test_set, |step, accuracy| {
+            if step % 10 == 0 {
+                bar.set_position(step as u64);
+                bar.set_message(format!("{:.1}%", 100.0 * accuracy));
+            }
+        })?;
+        bar.finish_with_message(format!("{:.1}%", 100.0 * result.final_test_accuracy()));
+        results.push(result);
+    }
+
+    println!();
+    println!("| run | learning rate | final test accuracy | steps to 90% | wall time |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in &results {
+        let to_90 = r.steps_to_90.map_or("never".to_string(), |s| s.to_string());
+        println!(
+            "| {} | {} | {:.1}% | {} | {:.2} s |",
+            if r.config.batchnorm {
+                "with BatchNorm"
+            } else {
+                "without BatchNorm"
+            },
+            r.config.learning_rate,
+            100.0 * r.final_test_accuracy(),
+            to_90,
+            r.seconds
+        );
+    }
+
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let png = args.out.join("accuracy.png");
+    let svg = args.out.join("accuracy.svg");
+    plot(&results, BitMapBackend::new(&png, (960, 600)).into_drawing_area())?;
+    plot(&results, SVGBackend::new(&svg, (960, 600)).into_drawing_area())?;
+    let summary = args.out.join("summary.json");
+    std::fs::write(
+        &summary,
+        serde_json::to_string_pretty(&train::summary_json(&results))? + "\n",
+    )
+    .map_err(|e| format!("cannot write {}: {e}", summary.display()))?;
+    println!("\nwrote {}, {} and {}", shown(&png), shown(&svg), shown(&summary));
+    Ok(())
+}
+
+fn shown(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Test accuracy against steps, one line per run (thick: with BatchNorm; thin: without).
+fn plot<DB: DrawingBackend>(
+    results: &[RunResult],
+    area: DrawingArea<DB, plotters::coord::Shift>,
+) -> Result<(), Box<dyn Error>>
+where
+    DB::ErrorType: 'static,
+{
+    // Text is drawn with an embedded font, so no system font library is needed.
+    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| "cannot load the embedded font")?;
+    area.fill(&WHITE)?;
+    let steps = results.iter().map(|r| r.config.steps).max().unwrap_or(1);
+    let mut chart = ChartBuilder::on(&area)
+        .caption(
+            "Test accuracy on handwritten digits: 3 x 100 sigmoid MLP",
+            ("sans-serif", 24),
+        )
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0..steps, 0.0..1.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("training steps (mini-batches of 60)")
+        .y_desc("test accuracy")
+        .label_style(("sans-serif", 16))
+        .y_label_formatter(&|v| format!("{:.0}%", v * 100.0))
+        .draw()?;
+    let colors = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
+    ];
+    for (i, r) in results.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        let width = if r.config.batchnorm { 3 } else { 1 };
+        let label = format!(
+            "{} BatchNorm, lr {}",
+            if r.config.batchnorm { "with" } else { "without" },
+            r.config.learning_rate
+        );
+        chart
+            .draw_series(LineSeries::new(
+                r.curve.iter().copied(),
+                color.stroke_width(width),
+            ))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(width)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .draw()?;
+    area.present()?;
+    Ok(())
+}
