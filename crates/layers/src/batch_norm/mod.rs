@@ -117,6 +117,17 @@ pub(crate) fn check_batch(shape: &[usize], dims: Dims) -> Result<()> {
     }
 }
 
+/// Checks the inputs of a training-mode BatchNorm: `eps`, the rank of `x`, one `gamma` and one
+/// `beta` per channel, and two or more values per channel.
+pub(crate) fn check_training_inputs(x: &[usize], gamma: &[usize], beta: &[usize], eps: f64) -> Result<Dims> {
+    check_non_negative("eps", eps)?;
+    let dims = dims_of(x)?;
+    check_channels("gamma", gamma, dims.c)?;
+    check_channels("beta", beta, dims.c)?;
+    check_batch(x, dims)?;
+    Ok(dims)
+}
+
 /// The elements in row-major order, without a copy when the view is already contiguous.
 pub(crate) fn row_major<'a, T: Element, D: Dimension>(view: &ArrayView<'a, T, D>) -> Cow<'a, [T]> {
     match view.to_slice() {
@@ -251,11 +262,7 @@ where
     D: Dimension,
 {
     let (x, gamma, beta) = (x.into(), gamma.into(), beta.into());
-    check_non_negative("eps", eps)?;
-    let dims = dims_of(x.shape())?;
-    check_channels("gamma", gamma.shape(), dims.c)?;
-    check_channels("beta", beta.shape(), dims.c)?;
-    check_batch(x.shape(), dims)?;
+    let dims = check_training_inputs(x.shape(), gamma.shape(), beta.shape(), eps)?;
 
     let data = row_major(&x);
     let stats = kernel::stats(&data, dims);
@@ -497,6 +504,11 @@ mod tests {
         assert!(dx.iter().all(|v| v.is_finite()));
     }
 
+    fn all_finite<T: Element, D: Dimension>(arrays: &[&Array<T, D>], vectors: &[&Array1<T>]) -> bool {
+        arrays.iter().all(|a| a.iter().all(|v| v.is_finite()))
+            && vectors.iter().all(|a| a.iter().all(|v| v.is_finite()))
+    }
+
     #[test]
     fn finite_extreme_input_never_gives_nan_or_inf() {
         let mut rows = vec![
@@ -510,27 +522,13 @@ mod tests {
         let (out, cache) = batchnorm_forward(&x, &gamma, &array![0.0f32, 1.0, -1.0], 1e-5).unwrap();
         let (dx, dgamma, dbeta) =
             batchnorm_backward(&x.mapv(|v| (v / 1e38).clamp(-3.0, 3.0)), &cache).unwrap();
-        assert!(
-            out.iter()
-                .chain(&dx)
-                .chain(&dgamma)
-                .chain(&dbeta)
-                .all(|v| v.is_finite()),
-            "{out} {dx}"
-        );
+        assert!(all_finite(&[&out, &dx], &[&dgamma, &dbeta]), "{out} {dx}");
         // f64 data near 1e300: the squared deviations overflow f64, the statistics do not.
         let x: Array2<f64> = array![[1e300, 1.0], [-1e300, 2.0], [5e299, 3.0], [-5e299, 4.0]];
         let (out, cache) = batchnorm_forward(&x, &array![1.0, 1.0], &array![0.0, 0.0], 1e-5).unwrap();
         let (dx, dgamma, dbeta) =
             batchnorm_backward(&array![[1.0, 0.5], [-2.0, 1.0], [0.3, 0.0], [0.1, -1.0]], &cache).unwrap();
-        assert!(
-            out.iter()
-                .chain(&dx)
-                .chain(&dgamma)
-                .chain(&dbeta)
-                .all(|v| v.is_finite()),
-            "{out} {dx}"
-        );
+        assert!(all_finite(&[&out, &dx], &[&dgamma, &dbeta]), "{out} {dx}");
         approx::assert_abs_diff_eq!(out.column(0).var(0.0), 1.0, epsilon = 1e-12);
     }
 

@@ -7,9 +7,9 @@ use tape::{BackwardArgs, Element, Function, TapeError, Var};
 
 use super::kernel::{self, Dims};
 use super::{
-    check_batch, check_channels, dims_of, from_f64, gradients, normalize, row_major, shaped, to_f64,
+    check_channels, check_training_inputs, dims_of, from_f64, gradients, normalize, row_major, shaped, to_f64,
 };
-use crate::error::{Error, Result, check_non_negative};
+use crate::error::{Error, Result};
 
 /// The fused BatchNorm node: inputs `x`, `gamma`, `beta`; saved state only the per-channel mean
 /// and inverse standard deviation (`2 × C` values of `f64`).
@@ -144,12 +144,8 @@ pub fn batch_norm<'t, T: Element>(
     beta: Var<'t, T>,
     eps: f64,
 ) -> Result<Var<'t, T>> {
-    check_non_negative("eps", eps)?;
     let value = x.value();
-    let dims = dims_of(value.shape())?;
-    check_channels("gamma", &gamma.shape(), dims.c)?;
-    check_channels("beta", &beta.shape(), dims.c)?;
-    check_batch(value.shape(), dims)?;
+    let dims = check_training_inputs(value.shape(), &gamma.shape(), &beta.shape(), eps)?;
     let stats = kernel::stats(&row_major(&value.view()), dims);
     let node = BatchNormNode::new(stats.mean.clone(), stats.inv_std(eps), true);
     Ok(x.tape().apply(node, &[x, gamma, beta])?)
@@ -171,12 +167,8 @@ pub fn batch_norm_composed<'t, T: Element>(
     beta: Var<'t, T>,
     eps: f64,
 ) -> Result<Var<'t, T>> {
-    check_non_negative("eps", eps)?;
     let shape = x.shape();
-    let dims = dims_of(&shape)?;
-    check_channels("gamma", &gamma.shape(), dims.c)?;
-    check_channels("beta", &beta.shape(), dims.c)?;
-    check_batch(&shape, dims)?;
+    let dims = check_training_inputs(&shape, &gamma.shape(), &beta.shape(), eps)?;
     // Statistics over every axis but the channel; keep-dims so they broadcast against x.
     let axes: Vec<usize> = (0..shape.len()).filter(|&axis| axis != 1).collect();
     let mut channel_shape = vec![1; shape.len()];
