@@ -286,20 +286,23 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
                 );
                 offset.fill(0.0);
                 m2.fill(0.0);
+                // Slices cut to one width: the index loops carry no bounds checks and vectorise.
+                let w = tile.len();
+                let (offset, m2, x0) = (&mut offset[..w], &mut m2[..w], &x0[..w]);
                 for row in piece.chunks_exact(c) {
-                    for ((o, &v), &z) in offset.iter_mut().zip(&row[tile.clone()]).zip(x0) {
-                        *o += v.as_f64() - z;
+                    let v = &row[tile.clone()][..w];
+                    for j in 0..w {
+                        offset[j] += v[j].as_f64() - x0[j];
                     }
                 }
                 for o in offset.iter_mut() {
                     *o /= count;
                 }
                 for row in piece.chunks_exact(c) {
-                    for (((m, &v), &z), &o) in
-                        m2.iter_mut().zip(&row[tile.clone()]).zip(x0).zip(offset.iter())
-                    {
-                        let d = (v.as_f64() - z) - o;
-                        *m += d * d;
+                    let v = &row[tile.clone()][..w];
+                    for j in 0..w {
+                        let d = (v[j].as_f64() - x0[j]) - offset[j];
+                        m2[j] += d * d;
                     }
                 }
             }
@@ -392,24 +395,28 @@ fn block_affine<T: Element>(x: &[T], dout: Option<&[T]>, out: &mut [T], dims: Di
         // (N, C) rows, a tile of channels at a time (see CHANNEL_TILE).
         let c = dims.c;
         for tile in channel_tiles(c) {
-            let (mean, scale, shift) = (&mean[tile.clone()], &scale[tile.clone()], &shift[tile.clone()]);
-            let rows = out.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate();
-            for (i, (out_row, x_row)) in rows {
-                let (out_row, x_row) = (&mut out_row[tile.clone()], &x_row[tile.clone()]);
-                let coefficients = mean.iter().zip(scale).zip(shift);
+            // Slices cut to one width: the index loops carry no bounds checks and vectorise.
+            let w = tile.len();
+            let (mean, scale, shift) = (
+                &mean[tile.clone()][..w],
+                &scale[tile.clone()][..w],
+                &shift[tile.clone()][..w],
+            );
+            for (i, (out_row, x_row)) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
+                let (o, v) = (&mut out_row[tile.clone()][..w], &x_row[tile.clone()][..w]);
                 match dout {
                     None => {
-                        for ((o, &v), ((mu, a), b)) in out_row.iter_mut().zip(x_row).zip(coefficients) {
-                            *o = T::from_f64_lossy((v.as_f64() - mu) * a + b);
+                        for j in 0..w {
+                            o[j] = T::from_f64_lossy((v[j].as_f64() - mean[j]) * scale[j] + shift[j]);
                         }
                     }
                     Some(dout) => {
-                        let g_row = &dout[i * c..(i + 1) * c][tile.clone()];
-                        let with_k = coefficients.zip(&xmu_scale[tile.clone()]);
-                        for (((d, &g), &v), (((mu, a), b), k)) in
-                            out_row.iter_mut().zip(g_row).zip(x_row).zip(with_k)
-                        {
-                            *d = T::from_f64_lossy(a * g.as_f64() + k * (v.as_f64() - mu) + b);
+                        let g = &dout[i * c..(i + 1) * c][tile.clone()][..w];
+                        let k = &xmu_scale[tile.clone()][..w];
+                        for j in 0..w {
+                            o[j] = T::from_f64_lossy(
+                                scale[j] * g[j].as_f64() + k[j] * (v[j].as_f64() - mean[j]) + shift[j],
+                            );
                         }
                     }
                 }
@@ -469,17 +476,19 @@ fn block_grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, mean: &[f64]) ->
     let mut sum_dout = vec![0.0; c];
     let mut sum_dout_xmu = vec![0.0; c];
     if dims.s == 1 {
-        for (g_row, x_row) in dout.chunks_exact(c).zip(x.chunks_exact(c)) {
-            let terms = sum_dout
-                .iter_mut()
-                .zip(sum_dout_xmu.iter_mut())
-                .zip(g_row)
-                .zip(x_row)
-                .zip(mean);
-            for ((((sg, sgx), &g), &v), mu) in terms {
-                let g = g.as_f64();
-                *sg += g;
-                *sgx += g * (v.as_f64() - mu);
+        for tile in channel_tiles(c) {
+            // Slices cut to one width: the index loops carry no bounds checks and vectorise.
+            let w = tile.len();
+            let sum_dout = &mut sum_dout[tile.clone()][..w];
+            let sum_dout_xmu = &mut sum_dout_xmu[tile.clone()][..w];
+            let mean = &mean[tile.clone()][..w];
+            for (g_row, x_row) in dout.chunks_exact(c).zip(x.chunks_exact(c)) {
+                let (g, v) = (&g_row[tile.clone()][..w], &x_row[tile.clone()][..w]);
+                for j in 0..w {
+                    let gj = g[j].as_f64();
+                    sum_dout[j] += gj;
+                    sum_dout_xmu[j] += gj * (v[j].as_f64() - mean[j]);
+                }
             }
         }
     } else {
