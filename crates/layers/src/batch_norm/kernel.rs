@@ -15,6 +15,7 @@
 use std::ops::Range;
 
 use multiversion::multiversion;
+use ndarray::{Array, ArrayView, Dimension, Ix2, Ix3, ShapeBuilder, Zip};
 use rayon::prelude::*;
 use tape::Element;
 
@@ -100,24 +101,6 @@ fn per_block<R: Send>(dims: Dims, work: impl Fn(Range<usize>) -> R + Sync + Send
         (0..blocks).into_par_iter().map(|i| work(range(i))).collect()
     } else {
         (0..blocks).map(|i| work(range(i))).collect()
-    }
-}
-
-/// Fills `out` block by block: `fill(range, out_block)` writes elements `range` of the output.
-#[inline(always)]
-fn fill_blocks<T: Element>(dims: Dims, out: &mut [T], fill: impl Fn(Range<usize>, &mut [T]) + Sync) {
-    let block_len = dims.block_rows() * dims.row();
-    if block_len == 0 {
-        return;
-    }
-    let work = |(i, block): (usize, &mut [T])| {
-        let start = i * block_len;
-        fill(start..start + block.len(), block);
-    };
-    if dims.parallel() {
-        out.par_chunks_mut(block_len).enumerate().for_each(work);
-    } else {
-        out.chunks_mut(block_len).enumerate().for_each(work);
     }
 }
 
@@ -358,97 +341,76 @@ fn channel_values<T: Element>(x: &[T], dims: Dims, channel: usize) -> impl Itera
 /// Per-channel affine map `out = (x - mean) · scale + shift`, evaluated in f64 and rounded once.
 /// With `scale = gamma · inv_std` and `shift = beta` it is the BatchNorm output; `x == mean`
 /// gives exactly `shift`.
+///
+/// Outputs are written by ndarray's `Zip::map_collect` (in parallel above
+/// [`PARALLEL_MIN_ELEMENTS`]), which fills the new array directly: no zero-filling pass first.
+/// Each element depends only on its own inputs, so the split cannot change a result.
 pub fn normalize<T: Element>(x: &[T], dims: Dims, mean: &[f64], scale: &[f64], shift: &[f64]) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    let affine = Affine {
-        mean,
-        scale,
-        xmu_scale: &[],
-        shift,
-    };
-    fill_blocks(dims, &mut out, |range, out| {
-        block_affine(&x[range.clone()], None, out, dims, &affine)
-    });
-    out
-}
-
-/// Per-channel coefficients of the affine maps written by [`normalize`] and [`input_grad`]:
-/// `out = scale · g + xmu_scale · (x - mean) + shift` with `g = dout` (backward), or
-/// `out = scale · (x - mean) + shift` when there is no `dout` (forward).
-struct Affine<'a> {
-    mean: &'a [f64],
-    scale: &'a [f64],
-    xmu_scale: &'a [f64],
-    shift: &'a [f64],
-}
-
-/// Writes one block of an affine map (see [`Affine`]), in f64, rounding once.
-#[multiversion(targets("x86_64+avx2+fma"))]
-fn block_affine<T: Element>(x: &[T], dout: Option<&[T]>, out: &mut [T], dims: Dims, affine: &Affine<'_>) {
-    let Affine {
-        mean,
-        scale,
-        xmu_scale,
-        shift,
-    } = *affine;
-    if dims.s == 1 {
-        // (N, C) rows, a tile of channels at a time (see CHANNEL_TILE).
-        let c = dims.c;
-        for tile in channel_tiles(c) {
-            // Slices cut to one width: the index loops carry no bounds checks and vectorise.
-            let w = tile.len();
-            let (mean, scale, shift) = (
-                &mean[tile.clone()][..w],
-                &scale[tile.clone()][..w],
-                &shift[tile.clone()][..w],
-            );
-            for (i, (out_row, x_row)) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
-                let (o, v) = (&mut out_row[tile.clone()][..w], &x_row[tile.clone()][..w]);
-                match dout {
-                    None => {
-                        for j in 0..w {
-                            o[j] = T::from_f64_lossy((v[j].as_f64() - mean[j]) * scale[j] + shift[j]);
-                        }
-                    }
-                    Some(dout) => {
-                        let g = &dout[i * c..(i + 1) * c][tile.clone()][..w];
-                        let k = &xmu_scale[tile.clone()][..w];
-                        for j in 0..w {
-                            o[j] = T::from_f64_lossy(
-                                scale[j] * g[j].as_f64() + k[j] * (v[j].as_f64() - mean[j]) + shift[j],
-                            );
-                        }
-                    }
-                }
-            }
+    let map = |&v: &T, &mu: &f64, &a: &f64, &b: &f64| T::from_f64_lossy((v.as_f64() - mu) * a + b);
+    match view_shape(dims) {
+        ViewShape::Rows(shape) => {
+            let zip = Zip::from(data_view(x, shape))
+                .and(channel_view(mean, shape))
+                .and(channel_view(scale, shape))
+                .and(channel_view(shift, shape));
+            row_major(if dims.parallel() {
+                zip.par_map_collect(map)
+            } else {
+                zip.map_collect(map)
+            })
         }
-        return;
+        ViewShape::Lanes(shape) => {
+            let zip = Zip::from(data_view(x, shape))
+                .and(channel_view(mean, shape))
+                .and(channel_view(scale, shape))
+                .and(channel_view(shift, shape));
+            row_major(if dims.parallel() {
+                zip.par_map_collect(map)
+            } else {
+                zip.map_collect(map)
+            })
+        }
     }
-    // (N, C, S): one lane of S values per channel and row, with scalar coefficients.
-    let lanes = out
-        .chunks_exact_mut(dims.s)
-        .zip(x.chunks_exact(dims.s))
-        .enumerate();
-    for (i, (out_lane, x_lane)) in lanes {
-        let ch = i % dims.c;
-        let (mu, a, b) = (mean[ch], scale[ch], shift[ch]);
-        match dout {
-            None => {
-                for (o, &v) in out_lane.iter_mut().zip(x_lane) {
-                    *o = T::from_f64_lossy((v.as_f64() - mu) * a + b);
-                }
-            }
-            Some(dout) => {
-                let k = xmu_scale[ch];
-                for ((d, &g), &v) in out_lane
-                    .iter_mut()
-                    .zip(&dout[i * dims.s..(i + 1) * dims.s])
-                    .zip(x_lane)
-                {
-                    *d = T::from_f64_lossy(a * g.as_f64() + k * (v.as_f64() - mu) + b);
-                }
-            }
-        }
+}
+
+/// How the flat `(N, C, S)` data is viewed for `Zip`: as `(N, C)` rows when `S = 1` (the long
+/// contiguous axis must be last: a `(N, C, 1)` view would loop over lanes of one value), else as
+/// `(N, C, S)`. Per-channel coefficients are broadcast along the other axes.
+#[derive(Clone, Copy)]
+enum ViewShape {
+    Rows(Ix2),
+    Lanes(Ix3),
+}
+
+fn view_shape(dims: Dims) -> ViewShape {
+    if dims.s == 1 {
+        ViewShape::Rows(Ix2(dims.n, dims.c))
+    } else {
+        ViewShape::Lanes(Ix3(dims.n, dims.c, dims.s))
+    }
+}
+
+/// The flat data viewed with `shape`.
+fn data_view<A, D: Dimension>(values: &[A], shape: D) -> ArrayView<'_, A, D> {
+    ArrayView::from_shape(shape, values).unwrap_or_else(|_| unreachable!("the data has N × C × S elements"))
+}
+
+/// One value per channel (axis 1), broadcast to `shape`: a view with stride 0 along every
+/// other axis.
+fn channel_view<A, D: Dimension>(values: &[A], shape: D) -> ArrayView<'_, A, D> {
+    let mut strides = D::zeros(shape.ndim());
+    strides[1] = 1;
+    ArrayView::from_shape(shape.strides(strides), values)
+        .unwrap_or_else(|_| unreachable!("one value per channel"))
+}
+
+/// The elements of a freshly collected array in row-major order (no copy: `map_collect` on
+/// row-major inputs produces a row-major array).
+fn row_major<T: Clone, D: Dimension>(array: Array<T, D>) -> Vec<T> {
+    if array.is_standard_layout() {
+        array.into_raw_vec_and_offset().0
+    } else {
+        array.iter().cloned().collect()
     }
 }
 
@@ -520,17 +482,36 @@ pub fn input_grad<T: Element>(
     xmu_scale: &[f64],
     offset: &[f64],
 ) -> Vec<T> {
-    let mut dx = vec![T::zero(); x.len()];
-    let affine = Affine {
-        mean,
-        scale: grad_scale,
-        xmu_scale,
-        shift: offset,
+    // Zip collects from at most five arrays: the four coefficients travel in two pairs.
+    let scale_offset: Vec<(f64, f64)> = grad_scale.iter().copied().zip(offset.iter().copied()).collect();
+    let mean_xmu: Vec<(f64, f64)> = mean.iter().copied().zip(xmu_scale.iter().copied()).collect();
+    let map = |&g: &T, &v: &T, &(a, b): &(f64, f64), &(mu, k): &(f64, f64)| {
+        T::from_f64_lossy(a * g.as_f64() + k * (v.as_f64() - mu) + b)
     };
-    fill_blocks(dims, &mut dx, |range, dx| {
-        block_affine(&x[range.clone()], Some(&dout[range]), dx, dims, &affine);
-    });
-    dx
+    match view_shape(dims) {
+        ViewShape::Rows(shape) => {
+            let zip = Zip::from(data_view(dout, shape))
+                .and(data_view(x, shape))
+                .and(channel_view(&scale_offset, shape))
+                .and(channel_view(&mean_xmu, shape));
+            row_major(if dims.parallel() {
+                zip.par_map_collect(map)
+            } else {
+                zip.map_collect(map)
+            })
+        }
+        ViewShape::Lanes(shape) => {
+            let zip = Zip::from(data_view(dout, shape))
+                .and(data_view(x, shape))
+                .and(channel_view(&scale_offset, shape))
+                .and(channel_view(&mean_xmu, shape));
+            row_major(if dims.parallel() {
+                zip.par_map_collect(map)
+            } else {
+                zip.map_collect(map)
+            })
+        }
+    }
 }
 
 #[cfg(test)]
