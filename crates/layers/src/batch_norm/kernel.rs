@@ -262,16 +262,13 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
         for piece in data.chunks(rows_per_piece * c) {
             let count = (piece.len() / c) as f64;
             for tile in channel_tiles(c) {
-                let (offset, m2, x0) = (
-                    &mut offset[tile.clone()],
-                    &mut m2[tile.clone()],
-                    &x0[tile.clone()],
-                );
-                offset.fill(0.0);
-                m2.fill(0.0);
                 // Slices cut to one width: the index loops carry no bounds checks and vectorise.
                 let w = tile.len();
-                let (offset, m2, x0) = (&mut offset[..w], &mut m2[..w], &x0[..w]);
+                let offset = &mut offset[tile.clone()][..w];
+                let m2 = &mut m2[tile.clone()][..w];
+                let x0 = &x0[tile.clone()][..w];
+                offset.fill(0.0);
+                m2.fill(0.0);
                 for row in piece.chunks_exact(c) {
                     let v = &row[tile.clone()][..w];
                     for j in 0..w {
@@ -346,31 +343,31 @@ fn channel_values<T: Element>(x: &[T], dims: Dims, channel: usize) -> impl Itera
 /// [`PARALLEL_MIN_ELEMENTS`]), which fills the new array directly: no zero-filling pass first.
 /// Each element depends only on its own inputs, so the split cannot change a result.
 pub fn normalize<T: Element>(x: &[T], dims: Dims, mean: &[f64], scale: &[f64], shift: &[f64]) -> Vec<T> {
-    let map = |&v: &T, &mu: &f64, &a: &f64, &b: &f64| T::from_f64_lossy((v.as_f64() - mu) * a + b);
     match view_shape(dims) {
-        ViewShape::Rows(shape) => {
-            let zip = Zip::from(data_view(x, shape))
-                .and(channel_view(mean, shape))
-                .and(channel_view(scale, shape))
-                .and(channel_view(shift, shape));
-            row_major(if dims.parallel() {
-                zip.par_map_collect(map)
-            } else {
-                zip.map_collect(map)
-            })
-        }
-        ViewShape::Lanes(shape) => {
-            let zip = Zip::from(data_view(x, shape))
-                .and(channel_view(mean, shape))
-                .and(channel_view(scale, shape))
-                .and(channel_view(shift, shape));
-            row_major(if dims.parallel() {
-                zip.par_map_collect(map)
-            } else {
-                zip.map_collect(map)
-            })
-        }
+        ViewShape::Rows(shape) => normalize_as(x, shape, dims.parallel(), mean, scale, shift),
+        ViewShape::Lanes(shape) => normalize_as(x, shape, dims.parallel(), mean, scale, shift),
     }
+}
+
+/// [`normalize`] on the data viewed with `shape`.
+fn normalize_as<T: Element, D: Dimension>(
+    x: &[T],
+    shape: D,
+    parallel: bool,
+    mean: &[f64],
+    scale: &[f64],
+    shift: &[f64],
+) -> Vec<T> {
+    let map = |&v: &T, &mu: &f64, &a: &f64, &b: &f64| T::from_f64_lossy((v.as_f64() - mu) * a + b);
+    let zip = Zip::from(data_view(x, shape.clone()))
+        .and(channel_view(mean, shape.clone()))
+        .and(channel_view(scale, shape.clone()))
+        .and(channel_view(shift, shape));
+    into_vec(if parallel {
+        zip.par_map_collect(map)
+    } else {
+        zip.map_collect(map)
+    })
 }
 
 /// How the flat `(N, C, S)` data is viewed for `Zip`: as `(N, C)` rows when `S = 1` (the long
@@ -406,7 +403,7 @@ fn channel_view<A, D: Dimension>(values: &[A], shape: D) -> ArrayView<'_, A, D> 
 
 /// The elements of a freshly collected array in row-major order (no copy: `map_collect` on
 /// row-major inputs produces a row-major array).
-fn row_major<T: Clone, D: Dimension>(array: Array<T, D>) -> Vec<T> {
+fn into_vec<T: Clone, D: Dimension>(array: Array<T, D>) -> Vec<T> {
     if array.is_standard_layout() {
         array.into_raw_vec_and_offset().0
     } else {
@@ -485,33 +482,34 @@ pub fn input_grad<T: Element>(
     // Zip collects from at most five arrays: the four coefficients travel in two pairs.
     let scale_offset: Vec<(f64, f64)> = grad_scale.iter().copied().zip(offset.iter().copied()).collect();
     let mean_xmu: Vec<(f64, f64)> = mean.iter().copied().zip(xmu_scale.iter().copied()).collect();
+    match view_shape(dims) {
+        ViewShape::Rows(shape) => input_grad_as(dout, x, shape, dims.parallel(), &scale_offset, &mean_xmu),
+        ViewShape::Lanes(shape) => input_grad_as(dout, x, shape, dims.parallel(), &scale_offset, &mean_xmu),
+    }
+}
+
+/// [`input_grad`] on the data viewed with `shape`, with the coefficients paired as
+/// `(grad_scale, offset)` and `(mean, xmu_scale)`.
+fn input_grad_as<T: Element, D: Dimension>(
+    dout: &[T],
+    x: &[T],
+    shape: D,
+    parallel: bool,
+    scale_offset: &[(f64, f64)],
+    mean_xmu: &[(f64, f64)],
+) -> Vec<T> {
     let map = |&g: &T, &v: &T, &(a, b): &(f64, f64), &(mu, k): &(f64, f64)| {
         T::from_f64_lossy(a * g.as_f64() + k * (v.as_f64() - mu) + b)
     };
-    match view_shape(dims) {
-        ViewShape::Rows(shape) => {
-            let zip = Zip::from(data_view(dout, shape))
-                .and(data_view(x, shape))
-                .and(channel_view(&scale_offset, shape))
-                .and(channel_view(&mean_xmu, shape));
-            row_major(if dims.parallel() {
-                zip.par_map_collect(map)
-            } else {
-                zip.map_collect(map)
-            })
-        }
-        ViewShape::Lanes(shape) => {
-            let zip = Zip::from(data_view(dout, shape))
-                .and(data_view(x, shape))
-                .and(channel_view(&scale_offset, shape))
-                .and(channel_view(&mean_xmu, shape));
-            row_major(if dims.parallel() {
-                zip.par_map_collect(map)
-            } else {
-                zip.map_collect(map)
-            })
-        }
-    }
+    let zip = Zip::from(data_view(dout, shape.clone()))
+        .and(data_view(x, shape.clone()))
+        .and(channel_view(scale_offset, shape.clone()))
+        .and(channel_view(mean_xmu, shape));
+    into_vec(if parallel {
+        zip.par_map_collect(map)
+    } else {
+        zip.map_collect(map)
+    })
 }
 
 #[cfg(test)]
