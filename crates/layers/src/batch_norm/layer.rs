@@ -8,7 +8,7 @@ use tape::{Element, Var};
 
 use super::kernel::{self, Dims};
 use super::node::BatchNormNode;
-use super::{check_batch, check_channels, dims_of, row_major, to_f64};
+use super::{check_batch, check_channels, dims_of, row_major};
 use crate::error::{Error, Result, check_non_negative};
 use crate::param::Parameter;
 
@@ -184,6 +184,24 @@ impl<T: Element> BatchNorm<T> {
         }
         check_channels("weight", self.weight.value.shape(), dims.c)?;
         check_channels("bias", self.bias.value.shape(), dims.c)?;
+        if self.track_running_stats {
+            check_channels("running_mean", self.running_mean.shape(), dims.c)?;
+            check_channels("running_var", self.running_var.shape(), dims.c)?;
+        }
+        // Batch statistics in training, and in evaluation when none are tracked (as PyTorch).
+        let batch_stats = if mode == Mode::Train || !self.track_running_stats {
+            check_batch(value.shape(), dims)?;
+            Some(kernel::stats(&row_major(&value.view()), dims))
+        } else {
+            None
+        };
+        let node = match &batch_stats {
+            Some(stats) => BatchNormNode::from_batch(stats, self.eps),
+            None => BatchNormNode::from_running(&self.running_mean, &self.running_var, self.eps),
+        };
+
+        // Every check has passed: only now do the parameters go on the tape and the running
+        // statistics change, so a failed call leaves both as they were.
         let (gamma, beta) = if self.affine {
             (self.weight.bind(tape), self.bias.bind(tape))
         } else {
@@ -192,27 +210,15 @@ impl<T: Element> BatchNorm<T> {
                 tape.constant(Array1::zeros(dims.c)),
             )
         };
-
-        let node = if mode == Mode::Train || !self.track_running_stats {
-            check_batch(value.shape(), dims)?;
-            let stats = kernel::stats(&row_major(&value.view()), dims);
-            if mode == Mode::Train && self.track_running_stats {
-                self.update_running_stats(&stats, dims)?;
-            }
-            BatchNormNode::new(stats.mean.clone(), stats.inv_std(self.eps), true)
-        } else {
-            check_channels("running_mean", self.running_mean.shape(), dims.c)?;
-            check_channels("running_var", self.running_var.shape(), dims.c)?;
-            let mean = to_f64(self.running_mean.iter().copied());
-            let inv_std = kernel::inv_std(&to_f64(self.running_var.iter().copied()), self.eps);
-            BatchNormNode::new(mean, inv_std, false)
-        };
-        Ok(tape.apply(node, &[x, gamma, beta])?)
+        let y = tape.apply(node, &[x, gamma, beta])?;
+        if let Some(stats) = batch_stats.filter(|_| mode == Mode::Train && self.track_running_stats) {
+            self.update_running_stats(&stats, dims);
+        }
+        Ok(y)
     }
 
-    fn update_running_stats(&mut self, stats: &kernel::Stats, dims: Dims) -> Result<()> {
-        check_channels("running_mean", self.running_mean.shape(), dims.c)?;
-        check_channels("running_var", self.running_var.shape(), dims.c)?;
+    /// PyTorch's update (sizes checked by `forward`).
+    fn update_running_stats(&mut self, stats: &kernel::Stats, dims: Dims) {
         self.num_batches_tracked += 1;
         let momentum = self.momentum.unwrap_or(1.0 / self.num_batches_tracked as f64);
         let m = dims.per_channel() as f64;
@@ -229,7 +235,6 @@ impl<T: Element> BatchNorm<T> {
             *rm = blend(*rm, stats.mean[c]);
             *rv = blend(*rv, stats.var[c] * unbiased);
         }
-        Ok(())
     }
 
     /// The state under PyTorch's keys: `weight` and `bias` when `affine`; `running_mean`,
@@ -447,6 +452,8 @@ mod tests {
             "running_var has 3 elements, expected 4 (channels of x)"
         );
         assert_eq!(bn.num_batches_tracked, 0, "a failed call changes nothing");
+        // Three calls, three x constants: the parameters never went on the tape.
+        assert_eq!(tape.len(), 3, "a failed call puts nothing on the tape");
         let setting = |eps, momentum| {
             BatchNorm::<f32>::with_options(4, eps, momentum, true, true)
                 .unwrap_err()

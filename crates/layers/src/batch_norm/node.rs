@@ -2,7 +2,7 @@
 //! closed form of the [module docs](super); [`batch_norm_composed`] records the same computation
 //! as tape primitives, so the tape derives its gradient. Tests check that the two agree.
 
-use ndarray::{ArrayD, ArrayViewD};
+use ndarray::{Array1, ArrayD, ArrayViewD};
 use tape::{BackwardArgs, Element, Function, TapeError, Var};
 
 use super::kernel::{self, Dims};
@@ -35,6 +35,22 @@ impl BatchNormNode {
             inv_std,
             batch_stats,
         }
+    }
+
+    /// A training-mode node: normalizes with the batch's own statistics.
+    pub(crate) fn from_batch(stats: &kernel::Stats, eps: f64) -> Self {
+        Self::new(stats.mean.clone(), stats.inv_std(eps), true)
+    }
+
+    /// An evaluation-mode node: normalizes with running statistics, constants for backward.
+    pub(crate) fn from_running<T: Element>(
+        running_mean: &Array1<T>,
+        running_var: &Array1<T>,
+        eps: f64,
+    ) -> Self {
+        let mean = to_f64(running_mean.iter().copied());
+        let inv_std = kernel::inv_std(&to_f64(running_var.iter().copied()), eps);
+        Self::new(mean, inv_std, false)
     }
 
     fn check(&self, x: &[usize], gamma: &[usize], beta: &[usize]) -> Result<Dims> {
@@ -147,8 +163,8 @@ pub fn batch_norm<'t, T: Element>(
     let value = x.value();
     let dims = check_training_inputs(value.shape(), &gamma.shape(), &beta.shape(), eps)?;
     let stats = kernel::stats(&row_major(&value.view()), dims);
-    let node = BatchNormNode::new(stats.mean.clone(), stats.inv_std(eps), true);
-    Ok(x.tape().apply(node, &[x, gamma, beta])?)
+    Ok(x.tape()
+        .apply(BatchNormNode::from_batch(&stats, eps), &[x, gamma, beta])?)
 }
 
 /// Training-mode BatchNorm composed from tape primitives only (mean, sub, mul, add eps, sqrt,
