@@ -45,8 +45,8 @@ pub enum TapeError {
         "{op}: this Var belongs to another tape (each Var can only be used with the tape that created it)"
     )]
     ForeignVar {
-        /// Where the foreign `Var` was passed.
-        op: &'static str,
+        /// The op (or method) the foreign `Var` was passed to.
+        op: String,
     },
     /// `backward()` without an upstream gradient needs a one-element output.
     #[error(

@@ -127,13 +127,15 @@ impl<T: Element> Tape<T> {
     /// [`backward`](Tape::backward). This is the custom-op API; see [`Function`].
     ///
     /// # Errors
-    /// [`TapeError::ForeignVar`] if an input belongs to another tape, or whatever the op's
+    /// [`TapeError::ForeignVar`] naming the op if an input belongs to another tape, or whatever the op's
     /// forward returns.
     pub fn apply<F: Function<T>>(&self, mut op: F, inputs: &[Var<'_, T>]) -> Result<Var<'_, T>> {
         let mut indices = Vec::with_capacity(inputs.len());
         for input in inputs {
             if input.tape.id != self.id {
-                return Err(TapeError::ForeignVar { op: "apply" });
+                return Err(TapeError::ForeignVar {
+                    op: op.name().to_string(),
+                });
             }
             indices.push(input.index);
         }
@@ -271,7 +273,7 @@ impl<T: Element> Tape<T> {
 
     fn shape_of(&self, var: Var<'_, T>, op: &'static str) -> Result<Vec<usize>> {
         if var.tape.id != self.id {
-            return Err(TapeError::ForeignVar { op });
+            return Err(TapeError::ForeignVar { op: op.into() });
         }
         Ok(self.nodes.borrow()[var.index].value.shape().to_vec())
     }
@@ -426,15 +428,6 @@ impl<'t, T: Element> Var<'t, T> {
     pub fn backward_with<D: Dimension>(self, grad_output: Array<T, D>) -> Result<Gradients<T>> {
         self.tape.backward_with(self, grad_output)
     }
-
-    /// Checks that `other` is on the same tape, for binary ops.
-    pub(crate) fn same_tape(self, other: Var<'_, T>, op: &'static str) -> Result<()> {
-        if self.tape.id() == other.tape.id() {
-            Ok(())
-        } else {
-            Err(TapeError::ForeignVar { op })
-        }
-    }
 }
 
 /// The gradients computed by one backward pass, read per [`Var`].
@@ -464,7 +457,9 @@ impl<T: Element> Gradients<T> {
     /// it has none.
     pub fn wrt(&self, var: Var<'_, T>) -> Result<&ArrayD<T>> {
         if var.tape.id() != self.tape_id {
-            return Err(TapeError::ForeignVar { op: "Gradients::wrt" });
+            return Err(TapeError::ForeignVar {
+                op: "Gradients::wrt".into(),
+            });
         }
         self.get(var).ok_or(TapeError::NoGradient { index: var.index })
     }

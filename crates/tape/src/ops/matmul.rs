@@ -59,7 +59,6 @@ impl<'t, T: Element> Var<'t, T> {
     /// [`TapeError::Shape`] if either is not 2-D or the inner sizes differ,
     /// [`TapeError::ForeignVar`] if `rhs` is on another tape.
     pub fn matmul(self, rhs: Var<'_, T>) -> Result<Var<'t, T>> {
-        self.same_tape(rhs, "matmul")?;
         self.tape.apply(MatMul, &[self, rhs])
     }
 }
