@@ -2,7 +2,6 @@
 
 use std::fmt::Write as _;
 
-use crate::tape::NodeInfo;
 use crate::{Element, Tape};
 
 impl<T: Element> Tape<T> {
@@ -22,31 +21,20 @@ impl<T: Element> Tape<T> {
     /// ```
     pub fn to_dot(&self) -> String {
         let mut out = String::from("digraph tape {\n  rankdir=LR;\n  node [fontname=\"Helvetica\"];\n");
-        self.for_each_node(|index, info, value| {
-            let shape = format!("{:?}", value.shape());
-            // Writing to a String cannot fail.
-            let _ = match info {
-                NodeInfo::Variable => {
-                    writeln!(
-                        out,
-                        "  n{index} [shape=box, style=bold, label=\"#{index} var\\n{shape}\"];"
-                    )
-                }
-                NodeInfo::Constant => writeln!(
-                    out,
-                    "  n{index} [shape=box, color=grey, fontcolor=grey, label=\"#{index} const\\n{shape}\"];"
-                ),
-                NodeInfo::Op { name, inputs } => {
-                    let _ = writeln!(
-                        out,
-                        "  n{index} [shape=ellipse, label=\"#{index} {name}\\n{shape}\"];"
-                    );
-                    inputs
-                        .iter()
-                        .try_for_each(|input| writeln!(out, "  n{input} -> n{index};"))
-                }
+        for var in self.vars() {
+            let (index, op, inputs) = (var.index(), var.op_name(), var.inputs());
+            let shape = format!("{:?}", var.shape());
+            let style = match (op.as_str(), inputs.is_empty()) {
+                ("var", true) => "shape=box, style=bold",
+                ("const", true) => "shape=box, color=grey, fontcolor=grey",
+                _ => "shape=ellipse",
             };
-        });
+            // Writing to a String cannot fail.
+            let _ = writeln!(out, "  n{index} [{style}, label=\"#{index} {op}\\n{shape}\"];");
+            for input in inputs {
+                let _ = writeln!(out, "  n{input} -> n{index};");
+            }
+        }
         out.push_str("}\n");
         out
     }

@@ -289,29 +289,6 @@ impl<T: Element> Tape<T> {
     pub(crate) fn requires_grad_of(&self, index: usize) -> bool {
         self.nodes.borrow()[index].requires_grad
     }
-
-    /// The op name and input indices of every node, for drawing the graph.
-    pub(crate) fn for_each_node(&self, mut visit: impl FnMut(usize, NodeInfo<'_>, &ArrayD<T>)) {
-        for (index, node) in self.nodes.borrow().iter().enumerate() {
-            let info = match &node.kind {
-                NodeKind::Variable => NodeInfo::Variable,
-                NodeKind::Constant => NodeInfo::Constant,
-                NodeKind::Op { op, inputs } => NodeInfo::Op {
-                    name: op.name(),
-                    inputs,
-                },
-            };
-            visit(index, info, &node.value);
-        }
-    }
-}
-
-/// What a node is, as seen from outside the tape.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum NodeInfo<'a> {
-    Variable,
-    Constant,
-    Op { name: &'a str, inputs: &'a [usize] },
 }
 
 /// Adds `grad` into the slot, taking it as is when the slot is empty.
