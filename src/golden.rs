@@ -395,12 +395,11 @@ pub fn check_case<T: Element>(case: &Case) -> Result<CaseReport, GoldenError> {
             let x_var = tape.var(x);
             let y = layer.forward(x_var, Mode::Train).map_err(layer_error)?;
             let grads = y.backward_with(dout).map_err(|e| layer_error(e.into()))?;
-            let grad = |g: Option<&ArrayD<T>>| g.cloned().unwrap_or_else(|| ArrayD::zeros(IxDyn(&[0])));
             let on_tape = [
                 ("out", y.value().as_ref().clone()),
-                ("dx", grad(grads.get(x_var))),
-                ("dgamma", grad(layer.weight.grad(&grads))),
-                ("dbeta", grad(layer.bias.grad(&grads))),
+                ("dx", gradient_or_empty(grads.get(x_var))),
+                ("dgamma", gradient_or_empty(layer.weight.grad(&grads))),
+                ("dbeta", gradient_or_empty(layer.bias.grad(&grads))),
                 ("running_mean_after", layer.running_mean.clone().into_dyn()),
                 ("running_var_after", layer.running_var.clone().into_dyn()),
             ];
@@ -442,12 +441,11 @@ pub fn check_case<T: Element>(case: &Case) -> Result<CaseReport, GoldenError> {
             let grads = y
                 .backward_with(sequence.eval_dout.to_array::<T>())
                 .map_err(|e| layer_error(e.into()))?;
-            let grad = |g: Option<&ArrayD<T>>| g.cloned().unwrap_or_else(|| ArrayD::zeros(IxDyn(&[0])));
             let ours = [
                 y.value().as_ref().clone(),
-                grad(grads.get(x)),
-                grad(layer.weight.grad(&grads)),
-                grad(layer.bias.grad(&grads)),
+                gradient_or_empty(grads.get(x)),
+                gradient_or_empty(layer.weight.grad(&grads)),
+                gradient_or_empty(layer.bias.grad(&grads)),
             ];
             for (ours, (name, reference)) in ours.iter().zip(&sequence.expected) {
                 compare(&mut errors, name.to_string(), ours, reference);
@@ -460,4 +458,9 @@ pub fn check_case<T: Element>(case: &Case) -> Result<CaseReport, GoldenError> {
         kind,
         errors,
     })
+}
+
+/// A gradient, or an empty array where there is none (compared, it counts as an infinite error).
+fn gradient_or_empty<T: Element>(gradient: Option<&ArrayD<T>>) -> ArrayD<T> {
+    gradient.cloned().unwrap_or_else(|| ArrayD::zeros(IxDyn(&[0])))
 }
