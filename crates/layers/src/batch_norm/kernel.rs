@@ -12,10 +12,10 @@
 //! [`PARALLEL_MIN_ELEMENTS`]. Few blocks keep the partials small (each is `C` values) even
 //! when `C` is large; inside a block, statistics go through cache-sized pieces.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use multiversion::multiversion;
-use ndarray::{Array, ArrayView, Dimension, Ix2, Ix3, ShapeBuilder, Zip};
 use rayon::prelude::*;
 use tape::Element;
 
@@ -148,6 +148,15 @@ impl Moments {
     }
 }
 
+/// The tile's part of four consecutive rows of width `c` (the first `4 c` values of `rows`), each
+/// cut to the tile's width.
+#[inline(always)]
+fn four_rows<'a, T>(rows: &'a [T], c: usize, tile: &Range<usize>) -> [&'a [T]; 4] {
+    let w = tile.len();
+    let at = |r: usize| &rows[r * c + tile.start..][..w];
+    [at(0), at(1), at(2), at(3)]
+}
+
 /// Accumulators per lane sum: eight independent partial sums that the compiler keeps in SIMD
 /// registers (a single running sum would serialise every addition).
 const LANES: usize = 8;
@@ -269,7 +278,18 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
                 let x0 = &x0[tile.clone()][..w];
                 offset.fill(0.0);
                 m2.fill(0.0);
-                for row in piece.chunks_exact(c) {
+                // Four rows at a time: a quarter of the loads and stores of the sums.
+                let mut quads = piece.chunks_exact(4 * c);
+                for quad in &mut quads {
+                    let [a, b, d, e] = four_rows(quad, c, &tile);
+                    let (a, b, d, e) = (&a[..w], &b[..w], &d[..w], &e[..w]);
+                    for j in 0..w {
+                        let z = x0[j];
+                        offset[j] += ((a[j].as_f64() - z) + (b[j].as_f64() - z))
+                            + ((d[j].as_f64() - z) + (e[j].as_f64() - z));
+                    }
+                }
+                for row in quads.remainder().chunks_exact(c) {
                     let v = &row[tile.clone()][..w];
                     for j in 0..w {
                         offset[j] += v[j].as_f64() - x0[j];
@@ -278,11 +298,24 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
                 for o in offset.iter_mut() {
                     *o /= count;
                 }
-                for row in piece.chunks_exact(c) {
+                let square = |v: T, z: f64, o: f64| {
+                    let d = (v.as_f64() - z) - o;
+                    d * d
+                };
+                let mut quads = piece.chunks_exact(4 * c);
+                for quad in &mut quads {
+                    let [a, b, d, e] = four_rows(quad, c, &tile);
+                    let (a, b, d, e) = (&a[..w], &b[..w], &d[..w], &e[..w]);
+                    for j in 0..w {
+                        let (z, o) = (x0[j], offset[j]);
+                        m2[j] += (square(a[j], z, o) + square(b[j], z, o))
+                            + (square(d[j], z, o) + square(e[j], z, o));
+                    }
+                }
+                for row in quads.remainder().chunks_exact(c) {
                     let v = &row[tile.clone()][..w];
                     for j in 0..w {
-                        let d = (v[j].as_f64() - x0[j]) - offset[j];
-                        m2[j] += d * d;
+                        m2[j] += square(v[j], x0[j], offset[j]);
                     }
                 }
             }
@@ -335,80 +368,136 @@ fn channel_values<T: Element>(x: &[T], dims: Dims, channel: usize) -> impl Itera
         .flat_map(|(_, lane)| lane.iter().map(|v| v.as_f64()))
 }
 
-/// Per-channel affine map `out = (x - mean) · scale + shift`, evaluated in f64 and rounded once.
-/// With `scale = gamma · inv_std` and `shift = beta` it is the BatchNorm output; `x == mean`
-/// gives exactly `shift`.
+/// Per-channel affine map `out = (x - mean) · scale + shift`. With `scale = gamma · inv_std`
+/// and `shift = beta` it is the BatchNorm output; `x == mean` gives exactly `shift`.
 ///
-/// Outputs are written by ndarray's `Zip::map_collect` (in parallel above
-/// [`PARALLEL_MIN_ELEMENTS`]), which fills the new array directly: no zero-filling pass first.
-/// Each element depends only on its own inputs, so the split cannot change a result.
+/// Evaluated in `T`'s own arithmetic (see [`Coefficients`]), or in f64 and rounded once where a
+/// coefficient does not fit `T`. Written block by block (in parallel above
+/// [`PARALLEL_MIN_ELEMENTS`]) straight into the new array; each element depends only on its own
+/// inputs, so the split cannot change a result.
 pub fn normalize<T: Element>(x: &[T], dims: Dims, mean: &[f64], scale: &[f64], shift: &[f64]) -> Vec<T> {
-    match view_shape(dims) {
-        ViewShape::Rows(shape) => normalize_as(x, shape, dims.parallel(), mean, scale, shift),
-        ViewShape::Lanes(shape) => normalize_as(x, shape, dims.parallel(), mean, scale, shift),
+    if let Some(k) = Coefficients::<T>::new(mean, &[scale, shift]) {
+        let [scale, shift] = [&k.other[0][..], &k.other[1][..]];
+        let k = [&k.mean_hi[..], &k.mean_lo[..], scale, shift];
+        let map = |v: T, hi: T, lo: T, a: T, b: T| ((v - hi) - lo) * a + b;
+        collect_blocks(dims, |range, out| normalize_block(&x[range], out, dims, k, map))
+    } else {
+        let k = [mean, mean, scale, shift];
+        let map = |v: T, mu: f64, _: f64, a: f64, b: f64| T::from_f64_lossy((v.as_f64() - mu) * a + b);
+        collect_blocks(dims, |range, out| normalize_block(&x[range], out, dims, k, map))
     }
 }
 
-/// [`normalize`] on the data viewed with `shape`.
-fn normalize_as<T: Element, D: Dimension>(
+/// Per-channel coefficients rounded to `T`, for maps evaluated in `T`'s arithmetic (8 lanes of
+/// f32 per AVX2 instruction instead of 4 of f64, and no conversions). The mean is split in two,
+/// `mean_hi + mean_lo`, so `(x - mean_hi) - mean_lo` keeps the digits a rounded mean would lose
+/// (`x - mean` in f32 near mean 1e4 would be off by up to 5e-4); `x == mean` still gives exactly
+/// 0. For f64 `mean_lo` is 0 and everything is as in f64.
+struct Coefficients<T> {
+    mean_hi: Vec<T>,
+    mean_lo: Vec<T>,
+    other: Vec<Vec<T>>,
+}
+
+impl<T: Element> Coefficients<T> {
+    /// `None` when a coefficient overflows `T` (a huge `gamma` in f32, say): those maps are
+    /// evaluated in f64 instead, where `0 · scale` stays 0.
+    fn new(mean: &[f64], other: &[&[f64]]) -> Option<Self> {
+        let round = |values: &[f64]| -> Vec<T> { values.iter().map(|&v| T::from_f64_lossy(v)).collect() };
+        let mean_hi = round(mean);
+        let lo: Vec<f64> = mean
+            .iter()
+            .zip(&mean_hi)
+            .map(|(&m, hi)| m - hi.as_f64())
+            .collect();
+        let coefficients = Coefficients {
+            mean_lo: round(&lo),
+            mean_hi,
+            other: other.iter().map(|values| round(values)).collect(),
+        };
+        // Rounding overflowed where a finite f64 became infinite (a non-finite mean or scale
+        // stays as it is: the f64 evaluation would not help it).
+        let fits = |exact: &[f64], rounded: &[T]| {
+            exact
+                .iter()
+                .zip(rounded)
+                .all(|(e, r)| r.is_finite() || !e.is_finite())
+        };
+        let all_fit = fits(mean, &coefficients.mean_hi)
+            && other.iter().zip(&coefficients.other).all(|(e, r)| fits(e, r));
+        all_fit.then_some(coefficients)
+    }
+}
+
+/// [`normalize`] of one block of rows into `out`: `map(x, k₀, k₁, k₂, k₃)` with each channel's
+/// four coefficients.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn normalize_block<T: Element, K: Copy, F: Fn(T, K, K, K, K) -> T>(
     x: &[T],
-    shape: D,
-    parallel: bool,
-    mean: &[f64],
-    scale: &[f64],
-    shift: &[f64],
-) -> Vec<T> {
-    let map = |&v: &T, &mu: &f64, &a: &f64, &b: &f64| T::from_f64_lossy((v.as_f64() - mu) * a + b);
-    let zip = Zip::from(data_view(x, shape.clone()))
-        .and(channel_view(mean, shape.clone()))
-        .and(channel_view(scale, shape.clone()))
-        .and(channel_view(shift, shape));
-    into_vec(if parallel {
-        zip.par_map_collect(map)
-    } else {
-        zip.map_collect(map)
-    })
-}
-
-/// How the flat `(N, C, S)` data is viewed for `Zip`: as `(N, C)` rows when `S = 1` (the long
-/// contiguous axis must be last: a `(N, C, 1)` view would loop over lanes of one value), else as
-/// `(N, C, S)`. Per-channel coefficients are broadcast along the other axes.
-#[derive(Clone, Copy)]
-enum ViewShape {
-    Rows(Ix2),
-    Lanes(Ix3),
-}
-
-fn view_shape(dims: Dims) -> ViewShape {
+    out: &mut [MaybeUninit<T>],
+    dims: Dims,
+    k: [&[K]; 4],
+    map: F,
+) {
     if dims.s == 1 {
-        ViewShape::Rows(Ix2(dims.n, dims.c))
+        // Slices cut to one width: the index loop carries no bounds checks and vectorises.
+        let c = dims.c;
+        let [k0, k1, k2, k3] = k;
+        let (k0, k1, k2, k3) = (&k0[..c], &k1[..c], &k2[..c], &k3[..c]);
+        for (o, v) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            let (o, v) = (&mut o[..c], &v[..c]);
+            for j in 0..c {
+                o[j] = MaybeUninit::new(map(v[j], k0[j], k1[j], k2[j], k3[j]));
+            }
+        }
     } else {
-        ViewShape::Lanes(Ix3(dims.n, dims.c, dims.s))
+        let (s, row) = (dims.s, dims.row());
+        for (o_row, x_row) in out.chunks_exact_mut(row).zip(x.chunks_exact(row)) {
+            let lanes = o_row.chunks_exact_mut(s).zip(x_row.chunks_exact(s));
+            for (ch, (o_lane, x_lane)) in lanes.enumerate() {
+                let [k0, k1, k2, k3] = k.map(|k| k[ch]);
+                for (o, &v) in o_lane.iter_mut().zip(x_lane) {
+                    *o = MaybeUninit::new(map(v, k0, k1, k2, k3));
+                }
+            }
+        }
     }
 }
 
-/// The flat data viewed with `shape`.
-fn data_view<A, D: Dimension>(values: &[A], shape: D) -> ArrayView<'_, A, D> {
-    ArrayView::from_shape(shape, values).unwrap_or_else(|_| unreachable!("the data has N × C × S elements"))
-}
-
-/// One value per channel (axis 1), broadcast to `shape`: a view with stride 0 along every
-/// other axis.
-fn channel_view<A, D: Dimension>(values: &[A], shape: D) -> ArrayView<'_, A, D> {
-    let mut strides = D::zeros(shape.ndim());
-    strides[1] = 1;
-    ArrayView::from_shape(shape.strides(strides), values)
-        .unwrap_or_else(|_| unreachable!("one value per channel"))
-}
-
-/// The elements of a freshly collected array in row-major order (no copy: `map_collect` on
-/// row-major inputs produces a row-major array).
-fn into_vec<T: Clone, D: Dimension>(array: Array<T, D>) -> Vec<T> {
-    if array.is_standard_layout() {
-        array.into_raw_vec_and_offset().0
-    } else {
-        array.iter().cloned().collect()
+/// A new array of `dims`' size, written by `fill(range, out)` for each block of rows: `range`
+/// is the block's place in the flat data, `out` its part of the new array, which `fill` must
+/// write entirely. Blocks run in parallel above [`PARALLEL_MIN_ELEMENTS`].
+///
+/// The array is never zero-filled first: that would be one more pass over memory, and for
+/// large outputs the costliest one (a single-threaded `memset`). The workers below write every
+/// element of their block (they walk it in whole rows, and a block is whole rows).
+#[inline(always)]
+fn collect_blocks<T: Element>(
+    dims: Dims,
+    fill: impl Fn(Range<usize>, &mut [MaybeUninit<T>]) + Sync + Send,
+) -> Vec<T> {
+    let len = dims.len();
+    let mut out = Vec::with_capacity(len);
+    let block = dims.block_rows() * dims.row();
+    if block > 0 {
+        let work = |(i, part): (usize, &mut [MaybeUninit<T>])| fill(i * block..i * block + part.len(), part);
+        let spare = &mut out.spare_capacity_mut()[..len];
+        if dims.parallel() {
+            spare.par_chunks_mut(block).enumerate().for_each(work);
+        } else {
+            spare.chunks_mut(block).enumerate().for_each(work);
+        }
     }
+    // SAFETY: the capacity is at least `len`, and `fill` wrote each of the first `len` elements:
+    // the blocks cover them, and every worker writes its whole block (`normalize_block` and
+    // `input_grad_block` write each element of each whole row they are given; blocks are whole
+    // rows, `block_rows() · row()` elements, the last one fewer rows). Tested against a direct
+    // computation on shapes with ragged last blocks and in parallel.
+    #[allow(unsafe_code)]
+    unsafe {
+        out.set_len(len);
+    }
+    out
 }
 
 /// The two per-channel sums backward needs, in one pass reading `dout` and `x`:
@@ -441,7 +530,26 @@ fn block_grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, mean: &[f64]) ->
             let sum_dout = &mut sum_dout[tile.clone()][..w];
             let sum_dout_xmu = &mut sum_dout_xmu[tile.clone()][..w];
             let mean = &mean[tile.clone()][..w];
-            for (g_row, x_row) in dout.chunks_exact(c).zip(x.chunks_exact(c)) {
+            // Four rows at a time: a quarter of the loads and stores of the sums.
+            let (mut g_quads, mut x_quads) = (dout.chunks_exact(4 * c), x.chunks_exact(4 * c));
+            for (g_quad, x_quad) in (&mut g_quads).zip(&mut x_quads) {
+                let [g0, g1, g2, g3] = four_rows(g_quad, c, &tile);
+                let [v0, v1, v2, v3] = four_rows(x_quad, c, &tile);
+                let (g0, g1, g2, g3) = (&g0[..w], &g1[..w], &g2[..w], &g3[..w]);
+                let (v0, v1, v2, v3) = (&v0[..w], &v1[..w], &v2[..w], &v3[..w]);
+                for j in 0..w {
+                    let mu = mean[j];
+                    let (a, b, d, e) = (g0[j].as_f64(), g1[j].as_f64(), g2[j].as_f64(), g3[j].as_f64());
+                    sum_dout[j] += (a + b) + (d + e);
+                    sum_dout_xmu[j] += (a * (v0[j].as_f64() - mu) + b * (v1[j].as_f64() - mu))
+                        + (d * (v2[j].as_f64() - mu) + e * (v3[j].as_f64() - mu));
+                }
+            }
+            let rest = g_quads
+                .remainder()
+                .chunks_exact(c)
+                .zip(x_quads.remainder().chunks_exact(c));
+            for (g_row, x_row) in rest {
                 let (g, v) = (&g_row[tile.clone()][..w], &x_row[tile.clone()][..w]);
                 for j in 0..w {
                     let gj = g[j].as_f64();
@@ -479,37 +587,57 @@ pub fn input_grad<T: Element>(
     xmu_scale: &[f64],
     offset: &[f64],
 ) -> Vec<T> {
-    // Zip collects from at most five arrays: the four coefficients travel in two pairs.
-    let scale_offset: Vec<(f64, f64)> = grad_scale.iter().copied().zip(offset.iter().copied()).collect();
-    let mean_xmu: Vec<(f64, f64)> = mean.iter().copied().zip(xmu_scale.iter().copied()).collect();
-    match view_shape(dims) {
-        ViewShape::Rows(shape) => input_grad_as(dout, x, shape, dims.parallel(), &scale_offset, &mean_xmu),
-        ViewShape::Lanes(shape) => input_grad_as(dout, x, shape, dims.parallel(), &scale_offset, &mean_xmu),
-    }
+    let k = [mean, grad_scale, xmu_scale, offset];
+    collect_blocks(dims, |range, out| {
+        input_grad_block(&dout[range.clone()], &x[range], out, dims, k)
+    })
 }
 
-/// [`input_grad`] on the data viewed with `shape`, with the coefficients paired as
-/// `(grad_scale, offset)` and `(mean, xmu_scale)`.
-fn input_grad_as<T: Element, D: Dimension>(
-    dout: &[T],
-    x: &[T],
-    shape: D,
-    parallel: bool,
-    scale_offset: &[(f64, f64)],
-    mean_xmu: &[(f64, f64)],
-) -> Vec<T> {
-    let map = |&g: &T, &v: &T, &(a, b): &(f64, f64), &(mu, k): &(f64, f64)| {
-        T::from_f64_lossy(a * g.as_f64() + k * (v.as_f64() - mu) + b)
+/// [`input_grad`] of one block of rows into `out`; `k` holds the per-channel mean,
+/// `grad_scale`, `xmu_scale` and `offset`.
+///
+/// Unlike [`normalize`], evaluated in f64 whatever `T` is: the three terms nearly cancel where
+/// `dout` is close to its projection (with two values per channel `dx` is 0 up to `eps`), and in
+/// f32 the rounding of each term would be an error of the order of the terms, not of `dx`.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn input_grad_block<T: Element>(dout: &[T], x: &[T], out: &mut [MaybeUninit<T>], dims: Dims, k: [&[f64]; 4]) {
+    let map = |g: T, v: T, mu: f64, a: f64, b: f64, d: f64| {
+        MaybeUninit::new(T::from_f64_lossy(a * g.as_f64() + b * (v.as_f64() - mu) + d))
     };
-    let zip = Zip::from(data_view(dout, shape.clone()))
-        .and(data_view(x, shape.clone()))
-        .and(channel_view(scale_offset, shape.clone()))
-        .and(channel_view(mean_xmu, shape));
-    into_vec(if parallel {
-        zip.par_map_collect(map)
+    let [mean, grad_scale, xmu_scale, offset] = k;
+    if dims.s == 1 {
+        // Slices cut to one width: the index loop carries no bounds checks and vectorises.
+        let c = dims.c;
+        let (mean, a, b, d) = (&mean[..c], &grad_scale[..c], &xmu_scale[..c], &offset[..c]);
+        let rows = out
+            .chunks_exact_mut(c)
+            .zip(dout.chunks_exact(c))
+            .zip(x.chunks_exact(c));
+        for ((o, g), v) in rows {
+            let (o, g, v) = (&mut o[..c], &g[..c], &v[..c]);
+            for j in 0..c {
+                o[j] = map(g[j], v[j], mean[j], a[j], b[j], d[j]);
+            }
+        }
     } else {
-        zip.map_collect(map)
-    })
+        let (s, row) = (dims.s, dims.row());
+        let rows = out
+            .chunks_exact_mut(row)
+            .zip(dout.chunks_exact(row))
+            .zip(x.chunks_exact(row));
+        for ((o_row, g_row), x_row) in rows {
+            let lanes = o_row
+                .chunks_exact_mut(s)
+                .zip(g_row.chunks_exact(s))
+                .zip(x_row.chunks_exact(s));
+            for (ch, ((o_lane, g_lane), x_lane)) in lanes.enumerate() {
+                let (mu, a, b, d) = (mean[ch], grad_scale[ch], xmu_scale[ch], offset[ch]);
+                for ((o, &g), &v) in o_lane.iter_mut().zip(g_lane).zip(x_lane) {
+                    *o = map(g, v, mu, a, b, d);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -622,6 +750,64 @@ mod tests {
             assert_eq!(lane_sum(&values, |v| v), (len * (len + 1) / 2) as f64);
             assert_eq!(lane_sum2(&values, &values, |a, b| a - b + 1.0), len as f64);
         }
+    }
+
+    #[test]
+    fn outputs_fill_every_element_of_ragged_blocks_in_parallel() {
+        // 3001 rows in blocks of 669: four full blocks and a ragged one, on several threads; and
+        // (N, C) rows with a ragged last block on one thread.
+        for d in [dims(3001, 7, 7), dims(1001, 3, 1)] {
+            let x: Vec<f32> = (0..d.len())
+                .map(|i| ((i * 7919) % 1013) as f32 * 0.37 - 50.0)
+                .collect();
+            let g: Vec<f32> = (0..d.len())
+                .map(|i| ((i * 104_729) % 997) as f32 * 0.01 - 5.0)
+                .collect();
+            let mean: Vec<f64> = (0..d.c).map(|c| c as f64 * 0.5 - 1.0).collect();
+            let scale: Vec<f64> = (0..d.c).map(|c| 1.0 + c as f64).collect();
+            let shift: Vec<f64> = (0..d.c).map(|c| -(c as f64)).collect();
+            let out = normalize(&x, d, &mean, &scale, &shift);
+            let dx = input_grad(&g, &x, d, &mean, &scale, &shift, &mean);
+            assert_eq!((out.len(), dx.len()), (d.len(), d.len()));
+            for i in 0..d.len() {
+                let c = i / d.s % d.c;
+                let (v, gi) = (f64::from(x[i]), f64::from(g[i]));
+                let expected = (v - mean[c]) * scale[c] + shift[c];
+                assert!(
+                    (f64::from(out[i]) - expected).abs() <= 1e-6 * expected.abs().max(1.0),
+                    "out[{i}]"
+                );
+                let expected = scale[c] * gi + shift[c] * (v - mean[c]) + mean[c];
+                assert_eq!(dx[i], expected as f32, "dx[{i}]");
+            }
+        }
+    }
+
+    #[test]
+    fn normalize_in_f32_keeps_the_digits_of_a_large_mean() {
+        // Mean 1e4 + 1/3: rounded to f32 it is off by 1e-4, which (x - mean) · 1e3 would show.
+        let mean = 1e4 + 1.0 / 3.0;
+        let x: Vec<f32> = (0..64)
+            .map(|i| (mean + (i as f64 - 31.5) * 1e-3) as f32)
+            .collect();
+        let out = normalize(&x, dims(64, 1, 1), &[mean], &[1e3], &[0.0]);
+        for (o, v) in out.iter().zip(&x) {
+            let expected = (f64::from(*v) - mean) * 1e3;
+            assert!(
+                (f64::from(*o) - expected).abs() <= 1e-6 * expected.abs().max(1.0),
+                "{o} vs {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_scale_beyond_f32_falls_back_to_f64_without_nan() {
+        // scale 1e39 does not fit f32: in f32, 0 · inf would be NaN for the value at the mean.
+        let x = [2.0f32, 2.0, 2.0];
+        let out = normalize(&x, dims(3, 1, 1), &[2.0], &[1e39], &[0.5]);
+        assert_eq!(out, vec![0.5, 0.5, 0.5]);
+        let out = normalize(&[1.0f32, 3.0], dims(2, 1, 1), &[2.0], &[1e39], &[0.5]);
+        assert_eq!(out, vec![f32::NEG_INFINITY, f32::INFINITY]);
     }
 
     #[test]

@@ -48,8 +48,8 @@ impl BatchNormNode {
         running_var: &Array1<T>,
         eps: f64,
     ) -> Self {
-        let mean = to_f64(running_mean.iter().copied());
-        let inv_std = kernel::inv_std(&to_f64(running_var.iter().copied()), eps);
+        let mean = to_f64(running_mean.view());
+        let inv_std = kernel::inv_std(&to_f64(running_var.view()), eps);
         Self::new(mean, inv_std, false)
     }
 
@@ -94,8 +94,8 @@ impl<T: Element> Function<T> for BatchNormNode {
         let out = normalize(
             &row_major(x),
             dims,
-            &to_f64(gamma.iter().copied()),
-            &to_f64(beta.iter().copied()),
+            &to_f64(gamma.view()),
+            &to_f64(beta.view()),
             &self.mean,
             &self.inv_std,
         );
@@ -111,7 +111,7 @@ impl<T: Element> Function<T> for BatchNormNode {
             &row_major(&args.grad_output),
             &row_major(x),
             dims,
-            &to_f64(gamma.iter().copied()),
+            &to_f64(gamma.view()),
             &self.mean,
             &self.inv_std,
             self.batch_stats,
