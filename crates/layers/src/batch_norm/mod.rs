@@ -53,9 +53,11 @@
 //! exactly, while `∂L/∂γ` and `∂L/∂β` are as above.
 //!
 //! # Numerics
-//! Statistics accumulate in `f64` for `f32` data too, and each output is computed in `f64` from
-//! `x - μ` and rounded once: a constant channel (even at 1e30) has `x - μ = 0` exactly and
-//! normalizes to exactly `β`, and finite input never yields NaN or infinity.
+//! Statistics accumulate in `f64` for `f32` data too, and `dx` is computed in `f64` and rounded
+//! once. The output is computed in `T` from `x - μ` with `μ` split into two `T` parts (`μ_hi +
+//! μ_lo`), so no digit of `x - μ` is lost to the rounding of `μ`: a constant channel (even at
+//! 1e30) has `x - μ = 0` exactly and normalizes to exactly `β`, and finite input never yields NaN
+//! or infinity.
 //!
 //! # Conventions (PyTorch's, where references differ)
 //! Normalization uses the biased batch variance; the running variance is updated with the
