@@ -373,14 +373,13 @@ fn channel_values<T: Element>(x: &[T], dims: Dims, channel: usize) -> impl Itera
 /// Per-channel affine map `out = (x - mean) · scale + shift`. With `scale = gamma · inv_std`
 /// and `shift = beta` it is the BatchNorm output; `x == mean` gives exactly `shift`.
 ///
-/// Evaluated in `T`'s own arithmetic (see [`Coefficients`]), or in f64 and rounded once where a
+/// Evaluated in `T`'s own arithmetic (see [`SplitAffine`]), or in f64 and rounded once where a
 /// coefficient does not fit `T`. Written block by block (in parallel above
 /// [`PARALLEL_MIN_ELEMENTS`]) straight into the new array; each element depends only on its own
 /// inputs, so the split cannot change a result.
 pub fn normalize<T: Element>(x: &[T], dims: Dims, mean: &[f64], scale: &[f64], shift: &[f64]) -> Vec<T> {
-    if let Some(k) = Coefficients::<T>::new(mean, &[scale, shift]) {
-        let [scale, shift] = [&k.other[0][..], &k.other[1][..]];
-        let k = [&k.mean_hi[..], &k.mean_lo[..], scale, shift];
+    if let Some(k) = SplitAffine::<T>::new(mean, scale, shift) {
+        let k = [&k.mean_hi[..], &k.mean_lo[..], &k.scale[..], &k.shift[..]];
         let map = |v: T, hi: T, lo: T, a: T, b: T| ((v - hi) - lo) * a + b;
         collect_blocks(dims, |range, out| normalize_block(&x[range], out, dims, k, map))
     } else {
@@ -390,44 +389,44 @@ pub fn normalize<T: Element>(x: &[T], dims: Dims, mean: &[f64], scale: &[f64], s
     }
 }
 
-/// Per-channel coefficients rounded to `T`, for maps evaluated in `T`'s arithmetic (8 lanes of
-/// f32 per AVX2 instruction instead of 4 of f64, and no conversions). The mean is split in two,
-/// `mean_hi + mean_lo`, so `(x - mean_hi) - mean_lo` keeps the digits a rounded mean would lose
-/// (`x - mean` in f32 near mean 1e4 would be off by up to 5e-4); `x == mean` still gives exactly
-/// 0. For f64 `mean_lo` is 0 and everything is as in f64.
-struct Coefficients<T> {
+/// The per-channel coefficients of [`normalize`] rounded to `T`, for evaluating it in `T`'s
+/// arithmetic (8 lanes of f32 per AVX2 instruction instead of 4 of f64, and no conversions).
+/// The mean is split in two, `mean_hi + mean_lo`, so `(x - mean_hi) - mean_lo` keeps the digits
+/// a rounded mean would lose (`x - mean` in f32 near mean 1e4 would be off by up to 5e-4), and
+/// `x == mean` still gives exactly 0. For f64 `mean_lo` is 0 and nothing changes.
+struct SplitAffine<T> {
     mean_hi: Vec<T>,
     mean_lo: Vec<T>,
-    other: Vec<Vec<T>>,
+    scale: Vec<T>,
+    shift: Vec<T>,
 }
 
-impl<T: Element> Coefficients<T> {
-    /// `None` when a coefficient overflows `T` (a huge `gamma` in f32, say): those maps are
-    /// evaluated in f64 instead, where `0 · scale` stays 0.
-    fn new(mean: &[f64], other: &[&[f64]]) -> Option<Self> {
-        let round = |values: &[f64]| -> Vec<T> { values.iter().map(|&v| T::from_f64_lossy(v)).collect() };
-        let mean_hi = round(mean);
-        let lo: Vec<f64> = mean
+impl<T: Element> SplitAffine<T> {
+    /// `None` when a coefficient overflows `T` (a huge `gamma` in f32, say): [`normalize`] then
+    /// evaluates in f64, where `0 · scale` stays 0 instead of `0 · inf = NaN`.
+    fn new(mean: &[f64], scale: &[f64], shift: &[f64]) -> Option<Self> {
+        // Rounding overflowed where a finite value became infinite (a non-finite one stays as
+        // it is: f64 evaluation would not help it).
+        let round = |values: &[f64]| -> Option<Vec<T>> {
+            let rounded: Vec<T> = values.iter().map(|&v| T::from_f64_lossy(v)).collect();
+            let fits = values
+                .iter()
+                .zip(&rounded)
+                .all(|(v, r)| r.is_finite() || !v.is_finite());
+            fits.then_some(rounded)
+        };
+        let mean_hi = round(mean)?;
+        let mean_lo: Vec<f64> = mean
             .iter()
             .zip(&mean_hi)
             .map(|(&m, hi)| m - hi.as_f64())
             .collect();
-        let coefficients = Coefficients {
-            mean_lo: round(&lo),
+        Some(SplitAffine {
+            mean_lo: round(&mean_lo)?,
             mean_hi,
-            other: other.iter().map(|values| round(values)).collect(),
-        };
-        // Rounding overflowed where a finite f64 became infinite (a non-finite mean or scale
-        // stays as it is: the f64 evaluation would not help it).
-        let fits = |exact: &[f64], rounded: &[T]| {
-            exact
-                .iter()
-                .zip(rounded)
-                .all(|(e, r)| r.is_finite() || !e.is_finite())
-        };
-        let all_fit = fits(mean, &coefficients.mean_hi)
-            && other.iter().zip(&coefficients.other).all(|(e, r)| fits(e, r));
-        all_fit.then_some(coefficients)
+            scale: round(scale)?,
+            shift: round(shift)?,
+        })
     }
 }
 
