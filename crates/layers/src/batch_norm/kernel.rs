@@ -159,6 +159,35 @@ fn four_rows<'a, T>(rows: &'a [T], c: usize, tile: &Range<usize>) -> [&'a [T]; 4
     [at(0), at(1), at(2), at(3)]
 }
 
+/// `acc[j] += term(row[tile.start + j], j)` for every row of `rows` (rows of width `c`) and
+/// every `j` of the tile (`acc` is the tile's width), four rows per step: a quarter of the loads
+/// and stores of `acc`. Each column adds its rows in the same order whatever the tile.
+#[inline(always)]
+fn add_rows<T: Copy>(
+    rows: &[T],
+    c: usize,
+    tile: &Range<usize>,
+    acc: &mut [f64],
+    term: impl Fn(T, usize) -> f64,
+) {
+    let w = tile.len();
+    let acc = &mut acc[..w];
+    let mut quads = rows.chunks_exact(4 * c);
+    for quad in &mut quads {
+        let [a, b, d, e] = four_rows(quad, c, tile);
+        let (a, b, d, e) = (&a[..w], &b[..w], &d[..w], &e[..w]);
+        for j in 0..w {
+            acc[j] += (term(a[j], j) + term(b[j], j)) + (term(d[j], j) + term(e[j], j));
+        }
+    }
+    for row in quads.remainder().chunks_exact(c) {
+        let v = &row[tile.clone()][..w];
+        for j in 0..w {
+            acc[j] += term(v[j], j);
+        }
+    }
+}
+
 /// Accumulators per lane sum: eight independent partial sums that the compiler keeps in SIMD
 /// registers (a single running sum would serialise every addition).
 const LANES: usize = 8;
@@ -280,46 +309,15 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
                 let x0 = &x0[tile.clone()][..w];
                 offset.fill(0.0);
                 m2.fill(0.0);
-                // Four rows at a time: a quarter of the loads and stores of the sums.
-                let mut quads = piece.chunks_exact(4 * c);
-                for quad in &mut quads {
-                    let [a, b, d, e] = four_rows(quad, c, &tile);
-                    let (a, b, d, e) = (&a[..w], &b[..w], &d[..w], &e[..w]);
-                    for j in 0..w {
-                        let z = x0[j];
-                        offset[j] += ((a[j].as_f64() - z) + (b[j].as_f64() - z))
-                            + ((d[j].as_f64() - z) + (e[j].as_f64() - z));
-                    }
-                }
-                for row in quads.remainder().chunks_exact(c) {
-                    let v = &row[tile.clone()][..w];
-                    for j in 0..w {
-                        offset[j] += v[j].as_f64() - x0[j];
-                    }
-                }
+                add_rows(piece, c, &tile, offset, |v, j| v.as_f64() - x0[j]);
                 for o in offset.iter_mut() {
                     *o /= count;
                 }
-                let square = |v: T, z: f64, o: f64| {
-                    let d = (v.as_f64() - z) - o;
+                let offset = &*offset;
+                add_rows(piece, c, &tile, m2, |v, j| {
+                    let d = (v.as_f64() - x0[j]) - offset[j];
                     d * d
-                };
-                let mut quads = piece.chunks_exact(4 * c);
-                for quad in &mut quads {
-                    let [a, b, d, e] = four_rows(quad, c, &tile);
-                    let (a, b, d, e) = (&a[..w], &b[..w], &d[..w], &e[..w]);
-                    for j in 0..w {
-                        let (z, o) = (x0[j], offset[j]);
-                        m2[j] += (square(a[j], z, o) + square(b[j], z, o))
-                            + (square(d[j], z, o) + square(e[j], z, o));
-                    }
-                }
-                for row in quads.remainder().chunks_exact(c) {
-                    let v = &row[tile.clone()][..w];
-                    for j in 0..w {
-                        m2[j] += square(v[j], x0[j], offset[j]);
-                    }
-                }
+                });
             }
             moments.merge(count, &offset, &m2);
         }
