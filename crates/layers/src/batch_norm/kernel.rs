@@ -647,6 +647,20 @@ mod tests {
         Dims { n, c, s }
     }
 
+    /// Deterministic values spread over [shift, shift + 375), in a scrambled order.
+    fn spread_values(len: usize, shift: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.37 + shift)
+            .collect()
+    }
+
+    /// Deterministic upstream gradients in [-5, 5), in a scrambled order.
+    fn upstream_values(len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 104_729) % 997) as f32 * 0.01 - 5.0)
+            .collect()
+    }
+
     #[test]
     fn stats_are_per_channel_and_biased() {
         // (N=2, C=2, S=2): channel 0 holds 1,2,5,6; channel 1 holds 3,4,7,8.
@@ -660,12 +674,7 @@ mod tests {
     fn chunking_is_independent_of_the_thread_count() {
         // Big enough to run in parallel; rerun on a one-thread pool and compare bits.
         let d = dims(8192, 3, 17);
-        let x: Vec<f32> = (0..d.len())
-            .map(|i| ((i * 7919) % 1013) as f32 * 0.37 - 100.0)
-            .collect();
-        let g: Vec<f32> = (0..d.len())
-            .map(|i| ((i * 104_729) % 997) as f32 * 0.01 - 5.0)
-            .collect();
+        let (x, g) = (spread_values(d.len(), -100.0), upstream_values(d.len()));
         assert!(d.parallel());
         let run = || {
             let st = stats(&x, d);
@@ -756,12 +765,7 @@ mod tests {
         // 3001 rows in blocks of 669: four full blocks and a ragged one, on several threads; and
         // (N, C) rows with a ragged last block on one thread.
         for d in [dims(3001, 7, 7), dims(1001, 3, 1)] {
-            let x: Vec<f32> = (0..d.len())
-                .map(|i| ((i * 7919) % 1013) as f32 * 0.37 - 50.0)
-                .collect();
-            let g: Vec<f32> = (0..d.len())
-                .map(|i| ((i * 104_729) % 997) as f32 * 0.01 - 5.0)
-                .collect();
+            let (x, g) = (spread_values(d.len(), -50.0), upstream_values(d.len()));
             let mean: Vec<f64> = (0..d.c).map(|c| c as f64 * 0.5 - 1.0).collect();
             let scale: Vec<f64> = (0..d.c).map(|c| 1.0 + c as f64).collect();
             let shift: Vec<f64> = (0..d.c).map(|c| -(c as f64)).collect();
