@@ -96,6 +96,10 @@ impl Dims {
 /// order, on several threads for large inputs.
 #[inline(always)]
 fn per_block<R: Send>(dims: Dims, work: impl Fn(Range<usize>) -> R + Sync + Send) -> Vec<R> {
+    if dims.len() == 0 {
+        // No blocks (zero channels, say: rows of width 0 cannot be walked).
+        return Vec::new();
+    }
     let rows = dims.block_rows();
     let blocks = dims.n.div_ceil(rows);
     let range = |i: usize| i * rows * dims.row()..((i + 1) * rows).min(dims.n) * dims.row();

@@ -579,6 +579,31 @@ mod tests {
     }
 
     #[test]
+    fn zero_channels_give_empty_outputs_and_gradients() {
+        // As in PyTorch: nothing to normalize is not an error. (It used to panic in the kernel,
+        // which cannot walk rows of width 0.)
+        let x = Array2::<f32>::zeros((4, 0));
+        let none = Array1::<f32>::zeros(0);
+        let (out, cache) = batchnorm_forward(&x, &none, &none, 1e-5).unwrap();
+        assert_eq!(out.shape(), &[4, 0]);
+        let (dx, dgamma, dbeta) = batchnorm_backward(&x, &cache).unwrap();
+        assert_eq!((dx.shape(), dgamma.len(), dbeta.len()), (&[4, 0][..], 0, 0));
+
+        let tape = tape::Tape::<f32>::new();
+        let x = tape.var(ndarray::ArrayD::<f32>::zeros(vec![2, 0, 3]));
+        let (gamma, beta) = (tape.var(none.clone()), tape.var(none.clone()));
+        let grads = crate::batch_norm(x, gamma, beta, 1e-5)
+            .unwrap()
+            .backward_with(ndarray::ArrayD::<f32>::zeros(vec![2, 0, 3]))
+            .unwrap();
+        assert_eq!(grads.wrt(x).unwrap().shape(), &[2, 0, 3]);
+        let mut layer = BatchNorm::<f32>::new(0);
+        for mode in [Mode::Train, Mode::Eval] {
+            assert_eq!(layer.forward(x, mode).unwrap().shape(), vec![2, 0, 3]);
+        }
+    }
+
+    #[test]
     fn the_cache_holds_one_input_sized_array() {
         let x = normal(&[16, 3, 4], 0.0, 1.0, 2);
         let (_, cache) = batchnorm_forward(&x, &Array1::ones(3), &Array1::zeros(3), 1e-5).unwrap();
