@@ -13,12 +13,20 @@ of ours / PyTorch per case, with the targets of the performance issue:
     cargo run --release --example bench > ours.jsonl
     python3 benches/pytorch_reference.py --ours ours.jsonl
 
+Or, more robust on a shared machine whose speed drifts from minute to minute, let it run the
+Rust benchmark itself, case by case in alternation with PyTorch's, several rounds, and compare
+the medians of the rounds (`--save-ours` keeps the merged Rust lines):
+
+    cargo build --release --example bench
+    python3 benches/pytorch_reference.py --bench target/release/examples/bench --rounds 3
+
 Needs `torch` (CPU is enough). Runs on as many threads as the Rust side (2 by default).
 """
 
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -63,28 +71,32 @@ def time_case(torch, shape, dtype, min_runs, min_seconds):
     return statistics.median(times)
 
 
+def budget(args):
+    return (3, 0.2) if args.quick else (11, 1.0)
+
+
+def torch_line(torch, name, shape, args):
+    dtype = {"f32": torch.float32, "f64": torch.float64}[name]
+    us = time_case(torch, shape, dtype, *budget(args))
+    return {"dtype": name, "shape": list(shape), "torch_us": round(us, 1),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def measure(args):
     import torch
 
     torch.set_num_threads(args.threads)
     shapes = args.shape or (QUICK if args.quick else GRID)
     dtypes = [args.dtype] if args.dtype else ["f32", "f64"]
-    min_runs, min_seconds = (3, 0.2) if args.quick else (11, 1.0)
     for name in dtypes:
-        dtype = {"f32": torch.float32, "f64": torch.float64}[name]
         for shape in shapes:
-            us = time_case(torch, shape, dtype, min_runs, min_seconds)
-            line = {"dtype": name, "shape": list(shape), "torch_us": round(us, 1),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()}
+            line = torch_line(torch, name, shape, args)
             print(json.dumps(line), flush=True)
             yield line
 
 
-def compare(args):
-    source = sys.stdin if args.ours == "-" else open(args.ours)
-    ours = [json.loads(line) for line in source if line.strip().startswith("{")]
-    args.shape = args.shape or [tuple(o["shape"]) for o in ours if o["dtype"] == ours[0]["dtype"]]
-    theirs = {(t["dtype"], tuple(t["shape"])): t for t in measure(args)}
+def table(ours, theirs):
+    """Markdown table of ours / PyTorch per case, with the issue's targets."""
     print()
     print("| dtype | shape | ours (us) | PyTorch (us) | ours / PyTorch | target | composed / fused | fused / traffic bound |")
     print("|---|---|---:|---:|---:|---|---:|---:|")
@@ -105,6 +117,55 @@ def compare(args):
               f"| {ratio:.3f} | {target}{verdict} | {composed} | {bound:.2f} |")
 
 
+def compare(args):
+    source = sys.stdin if args.ours == "-" else open(args.ours)
+    ours = [json.loads(line) for line in source if line.strip().startswith("{")]
+    args.shape = args.shape or [tuple(o["shape"]) for o in ours if o["dtype"] == ours[0]["dtype"]]
+    theirs = {(t["dtype"], tuple(t["shape"])): t for t in measure(args)}
+    table(ours, theirs)
+
+
+def median_of(lines, key):
+    values = [line[key] for line in lines]
+    return None if None in values else statistics.median(values)
+
+
+def interleave(args):
+    """Each case: the Rust benchmark's run and PyTorch's in turn, `--rounds` times; medians."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    shapes = args.shape or (QUICK if args.quick else GRID)
+    dtypes = [args.dtype] if args.dtype else ["f32", "f64"]
+    ours, theirs = [], {}
+    for name in dtypes:
+        for shape in shapes:
+            rust_rounds, torch_rounds = [], []
+            for _ in range(args.rounds):
+                command = [args.bench, "--dtype", name, "--shape", "x".join(map(str, shape))]
+                if args.quick:
+                    command.append("--quick")
+                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                rust_rounds.append(json.loads(output.strip().splitlines()[-1]))
+                torch_rounds.append(torch_line(torch, name, shape, args))
+            merged = dict(rust_rounds[0])
+            for key, digits in (("fused_us", 1), ("composed_us", 1), ("copy_gbps", 2), ("traffic_bound_us", 3)):
+                value = median_of(rust_rounds, key)
+                merged[key] = None if value is None else round(value, digits)
+            theirs_line = dict(torch_rounds[0], torch_us=round(median_of(torch_rounds, "torch_us"), 1))
+            print(f"{name} {'x'.join(map(str, shape))}: ours {[r['fused_us'] for r in rust_rounds]} us, "
+                  f"PyTorch {[t['torch_us'] for t in torch_rounds]} us", file=sys.stderr, flush=True)
+            ours.append(merged)
+            theirs[(name, tuple(shape))] = theirs_line
+    if args.save_ours:
+        with open(args.save_ours, "w") as f:
+            for line in ours:
+                f.write(json.dumps(line) + "\n")
+    print(f"medians of {args.rounds} alternating rounds per case; PyTorch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    table(ours, theirs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset of the grid, fewer repetitions")
@@ -112,12 +173,21 @@ def main():
     parser.add_argument("--shape", type=parse_shape, action="append", help="only this shape, like 4096x4096 (repeatable)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--ours", help="the Rust benchmark's JSON lines (a file, or - for stdin): print ratios")
+    parser.add_argument("--bench", help="the Rust benchmark binary: run it case by case, alternating with PyTorch")
+    parser.add_argument("--rounds", type=int, default=3, help="with --bench: rounds per case (default 3)")
+    parser.add_argument("--save-ours", help="with --bench: write the merged Rust lines to this file")
     args = parser.parse_args()
     try:
         import torch  # noqa: F401
     except ImportError:
         sys.exit("benches/pytorch_reference.py needs torch: pip install torch")
-    if args.ours:
+    if args.ours and args.bench:
+        sys.exit("give --ours (a finished run) or --bench (run it here), not both")
+    if args.rounds < 1:
+        sys.exit(f"--rounds must be at least 1, got {args.rounds}")
+    if args.bench:
+        interleave(args)
+    elif args.ours:
         compare(args)
     else:
         for _ in measure(args):

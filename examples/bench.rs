@@ -10,8 +10,9 @@
 //! Prints one JSON line per case on stdout:
 //! `{"dtype": "f32", "shape": [4096, 4096], "fused_us": ..., "composed_us": ..., "fused_saved_bytes": ...,
 //! "composed_saved_bytes": ..., "copy_gbps": ..., "traffic_bound_us": ...}`, where times are medians of
-//! whole forward + backward passes (tape built, node run, gradients computed, everything freed),
-//! `composed_us` is `null` above 20M elements, and `traffic_bound_us` is the time to move 7 reads + 2
+//! whole forward + backward passes (tape built, node run, gradients computed, everything freed;
+//! fused and composed passes are timed in alternating stints, so both medians come from the same
+//! minutes of machine time), `composed_us` is `null` above 20M elements, and `traffic_bound_us` is the time to move 7 reads + 2
 //! writes of the input at `copy_gbps` (the best of a single- and a multi-threaded copy of 256 MiB,
 //! counting bytes read plus bytes written). A readable summary goes to stderr.
 //! Feed the output to `benches/pytorch_reference.py --ours FILE` for the ratios to PyTorch.
@@ -94,17 +95,47 @@ struct Budget {
     min_time: Duration,
 }
 
-/// Median of `run()`'s wall time; `setup()` (not timed) makes each run's inputs.
-fn median_us<I>(budget: Budget, mut setup: impl FnMut() -> I, mut run: impl FnMut(I)) -> f64 {
-    run(setup()); // warm-up: page in code and buffers
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < budget.min_runs || (start.elapsed() < budget.min_time && times.len() < 10_000) {
-        let input = setup();
-        let t = Instant::now();
-        run(input);
-        times.push(t.elapsed().as_secs_f64() * 1e6);
+/// Medians of the wall times of `run_a` and `run_b` (on fresh inputs from `setup()`, which is
+/// not timed). They are timed in alternating stints, four of each, so both medians come from the
+/// same minutes of machine time: on a shared VM the speed drifts by tens of percent within a
+/// minute, and timing one after the other would put that drift into their ratio. Stints, not
+/// single runs in turn: each kind of pass is timed in its own steady state (caches, allocator),
+/// as a training loop repeating one graph runs it; the first run of a stint is not timed.
+/// Without `run_b`, `run_a` alone, in the same stints.
+fn medians_us<I>(
+    budget: Budget,
+    mut setup: impl FnMut() -> I,
+    mut run_a: impl FnMut(I),
+    mut run_b: Option<&mut dyn FnMut(I)>,
+) -> (f64, Option<f64>) {
+    const STINTS: u32 = 4;
+    let stint = Budget {
+        min_runs: budget.min_runs.div_ceil(STINTS as usize),
+        min_time: budget.min_time / STINTS,
+    };
+    let mut timed = |run: &mut dyn FnMut(I), times: &mut Vec<f64>| {
+        run(setup()); // warm-up: page in code and buffers
+        let start = Instant::now();
+        let mut runs = 0;
+        while runs < stint.min_runs || (start.elapsed() < stint.min_time && runs < 2_500) {
+            let input = setup();
+            let t = Instant::now();
+            run(input);
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+            runs += 1;
+        }
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..STINTS {
+        timed(&mut run_a, &mut a);
+        if let Some(run_b) = run_b.as_mut() {
+            timed(*run_b, &mut b);
+        }
     }
+    (median(a), (!b.is_empty()).then(|| median(b)))
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
 }
@@ -173,21 +204,20 @@ fn case<T: Element>(shape: &[usize], budget: Budget, copy_gbps: f64) -> String {
     let elements = x.len();
 
     let fused_saved = pass::<T>(false, inputs());
-    let fused_us = median_us(budget, inputs, |i| {
+    let fused = |i| {
         pass::<T>(false, i);
-    });
-    let (composed_us, composed_saved) = if elements <= COMPOSED_MAX_ELEMENTS {
-        let saved = pass::<T>(true, inputs());
-        let budget = Budget {
-            min_runs: budget.min_runs.min(5),
-            ..budget
-        };
-        let us = median_us(budget, inputs, |i| {
+    };
+    let (fused_us, composed_us, composed_saved) = if elements <= COMPOSED_MAX_ELEMENTS {
+        let mut composed = |i| {
             pass::<T>(true, i);
-        });
-        (format!("{us:.1}"), saved.to_string())
+        };
+        let (fused_us, composed_us) = medians_us(budget, inputs, fused, Some(&mut composed));
+        let saved = pass::<T>(true, inputs());
+        let composed_us = composed_us.map_or("null".to_string(), |us| format!("{us:.1}"));
+        (fused_us, composed_us, saved.to_string())
     } else {
-        ("null".to_string(), "null".to_string())
+        let (fused_us, _) = medians_us(budget, inputs, fused, None);
+        (fused_us, "null".to_string(), "null".to_string())
     };
     let traffic_bound_us = 9.0 * (elements * std::mem::size_of::<T>()) as f64 / (copy_gbps * 1e9) * 1e6;
     eprintln!(
