@@ -26,6 +26,55 @@ fn relative(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
     a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
+/// Max abs difference over `scale`.
+fn error_over(a: &ArrayD<f64>, b: &ArrayD<f64>, scale: f64) -> f64 {
+    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale.max(f64::MIN_POSITIVE)
+}
+
+/// The size of the terms each result is a sum of, as `[out, dx, dgamma, dbeta]`; and the
+/// condition of `x`, the largest `max|x| / std` of a channel (how far rounding `x` or its mean
+/// to f64 moves `x̂`).
+///
+/// A result that nearly cancels (with three values per channel, dx often does) is only as
+/// accurate as its terms, so its error is measured against them, not against its own small
+/// value: for `out`, the largest `|gamma · x̂| + |beta|`; for `dx`, the largest
+/// `|gamma| · inv_std · |dout|`; for `dgamma`, the largest per-channel `sum |dout · x̂|`; for
+/// `dbeta`, the largest per-channel `sum |dout|`. Over 100 000 cases of the strategy below the
+/// two implementations differed by at most 1.2e-15 times the condition, in those units.
+fn term_scales(
+    x: &ArrayD<f64>,
+    gamma: &ArrayD<f64>,
+    beta: &ArrayD<f64>,
+    dout: &ArrayD<f64>,
+    eps: f64,
+) -> ([f64; 4], f64) {
+    let (mut scales, mut condition) = ([0.0f64; 4], 1.0f64);
+    let largest = |values: &mut dyn Iterator<Item = f64>| values.fold(0.0f64, |m, v| m.max(v.abs()));
+    for ch in 0..x.shape()[1] {
+        let (xs, gs) = (x.index_axis(Axis(1), ch), dout.index_axis(Axis(1), ch));
+        let mean = xs.mean().unwrap();
+        let inv_std = 1.0 / (xs.var(0.0) + eps).sqrt();
+        let largest_xhat = largest(&mut xs.iter().map(|v| (v - mean) * inv_std));
+        let dout_xhat: f64 = gs
+            .iter()
+            .zip(&xs)
+            .map(|(g, v)| (g * (v - mean) * inv_std).abs())
+            .sum();
+        let dout_sum: f64 = gs.iter().map(|g| g.abs()).sum();
+        let terms = [
+            gamma[ch].abs() * largest_xhat + beta[ch].abs(),
+            gamma[ch].abs() * inv_std * largest(&mut gs.iter().copied()),
+            dout_xhat,
+            dout_sum,
+        ];
+        for (scale, term) in scales.iter_mut().zip(terms) {
+            *scale = scale.max(term);
+        }
+        condition = condition.max(largest(&mut xs.iter().copied()) * inv_std);
+    }
+    (scales, condition)
+}
+
 /// Shapes `(N, C, *)` of a rank in `ranks`, with at least three values per channel (with two,
 /// the normalized output is ±1 whatever x is, and dx is identically 0).
 fn shapes(ranks: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Vec<usize>> {
@@ -39,7 +88,10 @@ fn shapes(ranks: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Vec<u
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
-    /// out, dx, dgamma and dbeta agree to 1e-12 relative in f64, with a random upstream gradient.
+    /// out, dx, dgamma and dbeta agree in f64, with a random upstream gradient, to 1e-14 times
+    /// the condition of `x`, relative to the terms each sums (see `term_scales`; against their
+    /// own values the composed dx is off by up to 5e-12 where it nearly cancels, as in the
+    /// saved regression case). A wrong term would be off by about 1 in those units.
     #[test]
     fn fused_and_composed_agree(
         shape in shapes(2..=4),
@@ -72,9 +124,14 @@ proptest! {
             ]
         };
         let (fused, composed) = (run(false), run(true));
-        for (name, (f, c)) in ["out", "dx", "dgamma", "dbeta"].iter().zip(fused.iter().zip(&composed)) {
-            let error = relative(f, c);
-            prop_assert!(error <= 1e-12, "{} differs by {:e} (relative) for shape {:?}", name, error, shape);
+        let (scales, condition) = term_scales(&x, &gamma, &beta, &dout, 1e-5);
+        let results = fused.iter().zip(&composed).zip(scales);
+        for (name, ((f, c), scale)) in ["out", "dx", "dgamma", "dbeta"].iter().zip(results) {
+            let error = error_over(f, c, scale);
+            prop_assert!(
+                error <= 1e-14 * condition,
+                "{} differs by {:e} of its terms (condition {:.1}) for shape {:?}", name, error, condition, shape
+            );
         }
     }
 
