@@ -8,7 +8,7 @@ use tape::{Element, Var};
 
 use super::kernel::{self, Dims};
 use super::node::BatchNormNode;
-use super::{check_batch, check_channels, dims_of, row_major};
+use super::{check_batch, check_channels, dims_of, row_major, to_f64};
 use crate::error::{Error, Result, check_non_negative};
 use crate::param::Parameter;
 
@@ -189,15 +189,22 @@ impl<T: Element> BatchNorm<T> {
             check_channels("running_var", self.running_var.shape(), dims.c)?;
         }
         // Batch statistics in training, and in evaluation when none are tracked (as PyTorch).
-        let batch_stats = if mode == Mode::Train || !self.track_running_stats {
+        let use_batch_stats = mode == Mode::Train || !self.track_running_stats;
+        if use_batch_stats {
             check_batch(value.shape(), dims)?;
-            Some(kernel::stats(&row_major(&value.view()), dims))
+        }
+        let (node, batch_stats) = if use_batch_stats {
+            let (gamma, beta) = if self.affine {
+                (to_f64(self.weight.value.view()), to_f64(self.bias.value.view()))
+            } else {
+                (vec![1.0; dims.c], vec![0.0; dims.c])
+            };
+            let (node, stats) =
+                BatchNormNode::training(&row_major(&value.view()), dims, &gamma, &beta, self.eps);
+            (node, Some(stats))
         } else {
-            None
-        };
-        let node = match &batch_stats {
-            Some(stats) => BatchNormNode::from_batch(stats, self.eps),
-            None => BatchNormNode::from_running(&self.running_mean, &self.running_var, self.eps),
+            let node = BatchNormNode::from_running(&self.running_mean, &self.running_var, self.eps);
+            (node, None)
         };
 
         // Every check has passed: only now do the parameters go on the tape and the running

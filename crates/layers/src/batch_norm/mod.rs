@@ -161,11 +161,45 @@ pub(crate) fn normalize<T: Element>(
     kernel::normalize(x, dims, mean, &scale, beta)
 }
 
+/// Training-mode forward: the batch statistics of `x`, their `inv_std`, and the output
+/// normalized with them, as one job on the thread pool (see [`kernel::on_pool`]).
+pub(crate) fn normalize_batch<T: Element>(
+    x: &[T],
+    dims: Dims,
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> (kernel::Stats, Vec<f64>, Vec<T>) {
+    kernel::on_pool(dims, || {
+        let stats = kernel::stats(x, dims);
+        let inv_std = stats.inv_std(eps);
+        let out = normalize(x, dims, gamma, beta, &stats.mean, &inv_std);
+        (stats, inv_std, out)
+    })
+}
+
 /// Gradients `(dx, dgamma, dbeta)` of a normalization; `batch_stats` says whether `mean` and
 /// `inv_std` were computed from `x` (training) or are constants (evaluation). `dx` is skipped
 /// (`None`) when not `want_dx`.
 #[allow(clippy::too_many_arguments)] // the kernel's inputs, named; a struct would only rename them
 pub(crate) fn gradients<T: Element>(
+    dout: &[T],
+    x: &[T],
+    dims: Dims,
+    gamma: &[f64],
+    mean: &[f64],
+    inv_std: &[f64],
+    batch_stats: bool,
+    want_dx: bool,
+) -> (Option<Vec<T>>, Vec<f64>, Vec<f64>) {
+    // The two passes as one job on the thread pool (see `kernel::on_pool`).
+    kernel::on_pool(dims, || {
+        gradient_passes(dout, x, dims, gamma, mean, inv_std, batch_stats, want_dx)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gradient_passes<T: Element>(
     dout: &[T],
     x: &[T],
     dims: Dims,
@@ -268,11 +302,8 @@ where
     let (x, gamma, beta) = (x.into(), gamma.into(), beta.into());
     let dims = check_training_inputs(x.shape(), gamma.shape(), beta.shape(), eps)?;
 
-    let data = row_major(&x);
-    let stats = kernel::stats(&data, dims);
-    let inv_std = stats.inv_std(eps);
     let gamma = to_f64(gamma.view());
-    let out = normalize(&data, dims, &gamma, &to_f64(beta.view()), &stats.mean, &inv_std);
+    let (stats, inv_std, out) = normalize_batch(&row_major(&x), dims, &gamma, &to_f64(beta.view()), eps);
     let cache = BatchNormCache {
         x: x.to_owned().into_dyn(),
         gamma,

@@ -7,7 +7,8 @@ use tape::{BackwardArgs, Element, Function, TapeError, Var};
 
 use super::kernel::{self, Dims};
 use super::{
-    check_channels, check_training_inputs, dims_of, from_f64, gradients, normalize, row_major, shaped, to_f64,
+    check_channels, check_training_inputs, dims_of, from_f64, gradients, normalize, normalize_batch,
+    row_major, shaped, to_f64,
 };
 use crate::error::{Error, Result};
 
@@ -18,15 +19,18 @@ use crate::error::{Error, Result};
 /// [`BatchNorm`](crate::BatchNorm) layer (which also makes evaluation-mode nodes from its running
 /// statistics). Implemented with the tape's public custom-op API, [`tape::Function`].
 #[derive(Debug, Clone)]
-pub struct BatchNormNode {
+pub struct BatchNormNode<T> {
     mean: Vec<f64>,
     inv_std: Vec<f64>,
     /// True when `mean` and `inv_std` are the batch's own statistics (so `x` reaches the output
     /// through them too), false for evaluation with running statistics.
     batch_stats: bool,
+    /// The output, when it was computed together with the statistics (training): `forward`
+    /// hands it to the tape instead of computing it again. Taken there, so never kept.
+    output: Option<Vec<T>>,
 }
 
-impl BatchNormNode {
+impl<T: Element> BatchNormNode<T> {
     /// A node normalizing with the given per-channel statistics. `batch_stats` says whether they
     /// are `x`'s own (training: the backward includes the paths through them) or constants.
     pub(crate) fn new(mean: Vec<f64>, inv_std: Vec<f64>, batch_stats: bool) -> Self {
@@ -34,20 +38,32 @@ impl BatchNormNode {
             mean,
             inv_std,
             batch_stats,
+            output: None,
         }
     }
 
-    /// A training-mode node: normalizes with the batch's own statistics.
-    pub(crate) fn from_batch(stats: &kernel::Stats, eps: f64) -> Self {
-        Self::new(stats.mean.clone(), stats.inv_std(eps), true)
+    /// A training-mode node for input `x` (row-major, checked to be `dims`) with parameters
+    /// `gamma` and `beta`, which the node must then be applied to; and the batch statistics.
+    ///
+    /// The statistics and the output are computed here, in one job on the thread pool (see
+    /// [`kernel::on_pool`]): the two passes cost one hand-off to the pool instead of two.
+    pub(crate) fn training(
+        x: &[T],
+        dims: Dims,
+        gamma: &[f64],
+        beta: &[f64],
+        eps: f64,
+    ) -> (Self, kernel::Stats) {
+        let (stats, inv_std, out) = normalize_batch(x, dims, gamma, beta, eps);
+        let node = BatchNormNode {
+            output: Some(out),
+            ..Self::new(stats.mean.clone(), inv_std, true)
+        };
+        (node, stats)
     }
 
     /// An evaluation-mode node: normalizes with running statistics, constants for backward.
-    pub(crate) fn from_running<T: Element>(
-        running_mean: &Array1<T>,
-        running_var: &Array1<T>,
-        eps: f64,
-    ) -> Self {
+    pub(crate) fn from_running(running_mean: &Array1<T>, running_var: &Array1<T>, eps: f64) -> Self {
         let mean = to_f64(running_mean.view());
         let inv_std = kernel::inv_std(&to_f64(running_var.view()), eps);
         Self::new(mean, inv_std, false)
@@ -76,7 +92,7 @@ fn as_tape_error(error: Error) -> TapeError {
     }
 }
 
-impl<T: Element> Function<T> for BatchNormNode {
+impl<T: Element> Function<T> for BatchNormNode<T> {
     fn name(&self) -> &str {
         "batch_norm"
     }
@@ -91,14 +107,23 @@ impl<T: Element> Function<T> for BatchNormNode {
         let dims = self
             .check(x.shape(), gamma.shape(), beta.shape())
             .map_err(as_tape_error)?;
-        let out = normalize(
-            &row_major(x),
-            dims,
-            &to_f64(gamma.view()),
-            &to_f64(beta.view()),
-            &self.mean,
-            &self.inv_std,
-        );
+        let out = match self.output.take() {
+            Some(out) if out.len() == x.len() => out,
+            Some(out) => {
+                return Err(TapeError::op(
+                    "batch_norm",
+                    format!("the node's output has {} values, x has {}", out.len(), x.len()),
+                ));
+            }
+            None => normalize(
+                &row_major(x),
+                dims,
+                &to_f64(gamma.view()),
+                &to_f64(beta.view()),
+                &self.mean,
+                &self.inv_std,
+            ),
+        };
         Ok(shaped(out, x.raw_dim()))
     }
 
@@ -162,9 +187,14 @@ pub fn batch_norm<'t, T: Element>(
 ) -> Result<Var<'t, T>> {
     let value = x.value();
     let dims = check_training_inputs(value.shape(), &gamma.shape(), &beta.shape(), eps)?;
-    let stats = kernel::stats(&row_major(&value.view()), dims);
-    Ok(x.tape()
-        .apply(BatchNormNode::from_batch(&stats, eps), &[x, gamma, beta])?)
+    let (node, _) = BatchNormNode::training(
+        &row_major(&value.view()),
+        dims,
+        &to_f64(gamma.value().view()),
+        &to_f64(beta.value().view()),
+        eps,
+    );
+    Ok(x.tape().apply(node, &[x, gamma, beta])?)
 }
 
 /// Training-mode BatchNorm composed from tape primitives only (mean, sub, mul, add eps, sqrt,
@@ -277,6 +307,34 @@ mod tests {
             composed >= 4 * fused,
             "composed {composed} bytes vs fused {fused}"
         );
+    }
+
+    #[test]
+    fn a_training_node_refuses_an_input_other_than_its_own() {
+        // The node carries the output it computed with its statistics; applied to another
+        // input of the same channels it must say so, not hand back the wrong output.
+        let own = normal(&[4, 3], 0.0, 1.0, 1);
+        let (gamma, beta) = (channel(3, 1.0, 3), channel(3, 0.0, 4));
+        let (node, _) = BatchNormNode::training(
+            own.as_slice().unwrap(),
+            Dims::of(own.shape()),
+            gamma.as_slice().unwrap(),
+            beta.as_slice().unwrap(),
+            1e-5,
+        );
+        let tape = Tape::<f64>::new();
+        let other = tape.var(normal(&[6, 3], 0.0, 1.0, 2));
+        let (g, b) = (tape.var(gamma.clone()), tape.var(beta.clone()));
+        let error = tape.apply(node.clone(), &[other, g, b]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "batch_norm: the node's output has 12 values, x has 18"
+        );
+        // Its own input gives the output the statistics were computed for.
+        let x = tape.var(own.clone());
+        let y = tape.apply(node, &[x, g, b]).unwrap();
+        let (expected, _) = crate::batchnorm_forward(&own, &gamma, &beta, 1e-5).unwrap();
+        assert_eq!(y.value().as_ref(), &expected);
     }
 
     #[test]
