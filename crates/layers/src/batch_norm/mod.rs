@@ -194,37 +194,23 @@ pub(crate) fn gradients<T: Element>(
 ) -> (Option<Vec<T>>, Vec<f64>, Vec<f64>) {
     // The two passes as one job on the thread pool (see `kernel::on_pool`).
     kernel::on_pool(dims, || {
-        gradient_passes(dout, x, dims, gamma, mean, inv_std, batch_stats, want_dx)
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gradient_passes<T: Element>(
-    dout: &[T],
-    x: &[T],
-    dims: Dims,
-    gamma: &[f64],
-    mean: &[f64],
-    inv_std: &[f64],
-    batch_stats: bool,
-    want_dx: bool,
-) -> (Option<Vec<T>>, Vec<f64>, Vec<f64>) {
-    let (sum_dout, sum_dout_xmu) = kernel::grad_sums(dout, x, dims, mean);
-    let dgamma: Vec<f64> = sum_dout_xmu.iter().zip(inv_std).map(|(s, r)| s * r).collect();
-    let dx = want_dx.then(|| {
-        let m = dims.per_channel() as f64;
-        let grad_scale: Vec<f64> = gamma.iter().zip(inv_std).map(|(g, r)| g * r).collect();
-        let (mut xmu_scale, mut offset) = (vec![0.0; dims.c], vec![0.0; dims.c]);
-        if batch_stats {
-            // dx = a·(g - mean(g) - x̂·mean(g·x̂)), a = γr, x̂ = (x - μ)r, mean(g·x̂) = dgamma / M.
-            for c in 0..dims.c {
-                xmu_scale[c] = -grad_scale[c] * inv_std[c] * (dgamma[c] / m);
-                offset[c] = -grad_scale[c] * (sum_dout[c] / m);
+        let (sum_dout, sum_dout_xmu) = kernel::grad_sums(dout, x, dims, mean);
+        let dgamma: Vec<f64> = sum_dout_xmu.iter().zip(inv_std).map(|(s, r)| s * r).collect();
+        let dx = want_dx.then(|| {
+            let m = dims.per_channel() as f64;
+            let grad_scale: Vec<f64> = gamma.iter().zip(inv_std).map(|(g, r)| g * r).collect();
+            let (mut xmu_scale, mut offset) = (vec![0.0; dims.c], vec![0.0; dims.c]);
+            if batch_stats {
+                // dx = a·(g - mean(g) - x̂·mean(g·x̂)), a = γr, x̂ = (x - μ)r, mean(g·x̂) = dgamma / M.
+                for c in 0..dims.c {
+                    xmu_scale[c] = -grad_scale[c] * inv_std[c] * (dgamma[c] / m);
+                    offset[c] = -grad_scale[c] * (sum_dout[c] / m);
+                }
             }
-        }
-        kernel::input_grad(dout, x, dims, mean, &grad_scale, &xmu_scale, &offset)
-    });
-    (dx, dgamma, sum_dout)
+            kernel::input_grad(dout, x, dims, mean, &grad_scale, &xmu_scale, &offset)
+        });
+        (dx, dgamma, sum_dout)
+    })
 }
 
 /// What [`batchnorm_forward`] keeps for [`batchnorm_backward`].
