@@ -38,10 +38,20 @@ const CHANNEL_TILE: usize = 8192;
 
 /// The channel ranges of [`CHANNEL_TILE`] channels.
 fn channel_tiles(c: usize) -> impl Iterator<Item = Range<usize>> {
-    (0..c)
-        .step_by(CHANNEL_TILE)
-        .map(move |start| start..(start + CHANNEL_TILE).min(c))
+    tiles_of(c, CHANNEL_TILE)
 }
+
+/// The channel ranges of `width` channels.
+fn tiles_of(c: usize, width: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..c)
+        .step_by(width)
+        .map(move |start| start..(start + width).min(c))
+}
+
+/// Channels per tile for the statistics, whose pieces are cut to the tile (see
+/// [`block_moments`]): with 1024 channels a piece still holds 32 rows, and the three
+/// per-channel f64 arrays (24 KiB) stay in L1.
+const STATS_TILE: usize = 1024;
 
 /// Target elements per piece of a block for the two-pass statistics: the piece is read twice,
 /// the second time from cache (128 KiB of f32, 256 KiB of f64, inside the 512 KiB L2 of a Zen 3
@@ -150,17 +160,8 @@ impl Moments {
     /// Merges a piece of `count` values per channel (all channels alike) into these moments.
     #[inline(always)]
     fn merge(&mut self, count: f64, offset: &[f64], m2: &[f64]) {
-        let total = self.count + count;
-        if total == 0.0 {
-            return;
-        }
-        let (weight, spread) = (count / total, self.count * count / total);
-        for (((o, m), &po), &pm) in self.offset.iter_mut().zip(self.m2.iter_mut()).zip(offset).zip(m2) {
-            let delta = po - *o;
-            *o += delta * weight;
-            *m += pm + delta * delta * spread;
-        }
-        self.count = total;
+        chan_merge(self.count, count, &mut self.offset, &mut self.m2, offset, m2);
+        self.count += count;
     }
 
     /// Merges one channel's piece (for lanes of `(N, C, S)` data).
@@ -170,6 +171,22 @@ impl Moments {
         let delta = offset - self.offset[channel];
         self.offset[channel] += delta * (count / total);
         self.m2[channel] += m2 + delta * delta * (seen * count / total);
+    }
+}
+
+/// Chan et al.'s pairwise update: merges a piece of `count` values per channel, with mean
+/// offsets `offset` and sums of squared deviations `m2`, into running ones over `seen` values.
+#[inline(always)]
+fn chan_merge(seen: f64, count: f64, acc_offset: &mut [f64], acc_m2: &mut [f64], offset: &[f64], m2: &[f64]) {
+    let total = seen + count;
+    if total == 0.0 {
+        return;
+    }
+    let (weight, spread) = (count / total, seen * count / total);
+    for (((o, m), &po), &pm) in acc_offset.iter_mut().zip(acc_m2.iter_mut()).zip(offset).zip(m2) {
+        let delta = po - *o;
+        *o += delta * weight;
+        *m += pm + delta * delta * spread;
     }
 }
 
@@ -341,16 +358,23 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
     let c = dims.c;
     let mut moments = Moments::new(c);
     if dims.s == 1 {
-        let rows_per_piece = (PIECE_ELEMENTS / c.max(1)).max(1);
+        // Tile by tile, each in pieces of rows cut to the tile, so a piece holds a piece's worth
+        // of values however wide the rows: full-width pieces of 16384 channels held 2 rows, and
+        // the statistics of `1024 x 16384` f32 took 11.7 ms here against 5.8 ms this way
+        // (`4096 x 4096`: 4.4 against 4.1 ms; 1024 channels or fewer are one tile, as before).
         let (mut offset, mut m2) = (vec![0.0; c], vec![0.0; c]);
-        for piece in data.chunks(rows_per_piece * c) {
-            let count = (piece.len() / c) as f64;
-            for tile in channel_tiles(c) {
-                // Slices cut to one width: the index loops carry no bounds checks and vectorise.
-                let w = tile.len();
-                let offset = &mut offset[tile.clone()][..w];
-                let m2 = &mut m2[tile.clone()][..w];
-                let x0 = &x0[tile.clone()][..w];
+        for tile in tiles_of(c, STATS_TILE) {
+            let w = tile.len();
+            let rows_per_piece = (PIECE_ELEMENTS / w).max(1);
+            // Slices cut to one width: the index loops carry no bounds checks and vectorise.
+            let acc_offset = &mut moments.offset[tile.clone()][..w];
+            let acc_m2 = &mut moments.m2[tile.clone()][..w];
+            let offset = &mut offset[tile.clone()][..w];
+            let m2 = &mut m2[tile.clone()][..w];
+            let x0 = &x0[tile.clone()][..w];
+            let mut seen = 0.0;
+            for piece in data.chunks(rows_per_piece * c) {
+                let count = (piece.len() / c) as f64;
                 offset.fill(0.0);
                 m2.fill(0.0);
                 add_rows(piece, c, &tile, offset, |v, j| v.as_f64() - x0[j]);
@@ -362,9 +386,11 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
                     let d = (v.as_f64() - x0[j]) - offset[j];
                     d * d
                 });
+                chan_merge(seen, count, acc_offset, acc_m2, offset, m2);
+                seen += count;
             }
-            moments.merge(count, &offset, &m2);
         }
+        moments.count = (data.len() / c) as f64;
     } else {
         let count = dims.s as f64;
         for (row_index, row) in data.chunks_exact(dims.row()).enumerate() {
@@ -861,6 +887,26 @@ mod tests {
         assert_eq!(out, vec![0.5, 0.5, 0.5]);
         let out = normalize(&[1.0f32, 3.0], dims(2, 1, 1), &[2.0], &[1e39], &[0.5]);
         assert_eq!(out, vec![f32::NEG_INFINITY, f32::INFINITY]);
+    }
+
+    #[test]
+    fn wide_rows_tiled_statistics_match_a_direct_computation() {
+        // 1100 channels: a full tile of 1024 and a ragged one of 76; blocks of 40 rows, so each
+        // tile of a block is two pieces (32 rows, then 8) merged with Chan's update.
+        let d = dims(64 * 40, 1100, 1);
+        assert_eq!(d.block_rows(), 40);
+        let x: Vec<f64> = (0..d.len())
+            .map(|i| ((i * 7919) % 1013) as f64 * 0.37 + 1e3 * (i % 1100 % 7) as f64)
+            .collect();
+        let st = stats(&x, d);
+        for c in 0..d.c {
+            let column = || x.iter().skip(c).step_by(d.c).copied();
+            let m = d.n as f64;
+            let mean = compensated_sum(column()) / m;
+            let var = compensated_sum(column().map(|v| (v - mean).powi(2))) / m;
+            approx::assert_relative_eq!(st.mean[c], mean, max_relative = 1e-14);
+            approx::assert_relative_eq!(st.var[c], var, max_relative = 1e-13);
+        }
     }
 
     #[test]
