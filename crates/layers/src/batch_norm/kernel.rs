@@ -29,7 +29,8 @@ pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 17;
 /// the per-block partials (`C` values each) stay small beside the data.
 pub const MAX_BLOCKS: usize = 64;
 
-/// Channels per tile when walking `(N, C)` rows: the per-channel f64 arrays a loop touches
+/// Channels per tile when the backward sums walk `(N, C)` rows (the statistics have their own,
+/// [`STATS_TILE`]): the per-channel f64 arrays a loop touches
 /// (three of at most 64 KiB each) stay in L2 however wide the layer is. Each channel still adds
 /// its rows in order, so tiling changes no result. Not smaller: each tile walks the block again
 /// in runs of a tile's width, and L1-sized tiles (512) made the backward sums of `4096 x 4096`
