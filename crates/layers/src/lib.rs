@@ -1,7 +1,7 @@
 //! Batch Normalization as one fused tape node, and the layers a small net needs.
 //!
 //! - [`batchnorm_forward`] / [`batchnorm_backward`]: the seed task's functions, on arrays.
-//! - [`batch_norm`]: one fused node on a [`tape::Tape`], with a hand-written backward;
+//! - [`batch_norm()`]: one fused node on a [`tape::Tape`], with a hand-written backward;
 //!   [`batch_norm_composed`]: the same from tape primitives, to check it against.
 //! - [`BatchNorm`]: the layer, with running statistics and PyTorch's semantics.
 //!

@@ -442,7 +442,7 @@ fn channel_values<T: Element>(x: &[T], dims: Dims, channel: usize) -> impl Itera
 /// Per-channel affine map `out = (x - mean) · scale + shift`. With `scale = gamma · inv_std`
 /// and `shift = beta` it is the BatchNorm output; `x == mean` gives exactly `shift`.
 ///
-/// Evaluated in `T`'s own arithmetic (see [`SplitAffine`]), or in f64 and rounded once where a
+/// Evaluated in `T`'s own arithmetic (see `SplitAffine`), or in f64 and rounded once where a
 /// coefficient does not fit `T`. Written block by block (in parallel above
 /// [`PARALLEL_MIN_ELEMENTS`]) straight into the new array; each element depends only on its own
 /// inputs, so the split cannot change a result.

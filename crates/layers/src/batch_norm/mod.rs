@@ -5,8 +5,8 @@
 //! | level | what | where |
 //! |---|---|---|
 //! | functions on arrays | [`batchnorm_forward`], [`batchnorm_backward`]: the seed task's API | this module |
-//! | tape nodes | [`batch_norm`] (one fused node) and [`batch_norm_composed`] (primitives) | [`node`](self::node) |
-//! | the layer | [`BatchNorm`]: parameters, running statistics, train/eval mode, state dict | [`layer`](self::layer) |
+//! | tape nodes | [`batch_norm`] (one fused node) and [`batch_norm_composed`] (primitives) | [`node`] |
+//! | the layer | [`BatchNorm`]: parameters, running statistics, train/eval mode, state dict | [`layer`] |
 //!
 //! # Shapes
 //! `x` is `(N, C)` or `(N, C, *spatial)` with rank 2 to 5 and the channel on axis 1 (PyTorch's
