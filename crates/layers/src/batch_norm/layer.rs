@@ -189,11 +189,8 @@ impl<T: Element> BatchNorm<T> {
             check_channels("running_var", self.running_var.shape(), dims.c)?;
         }
         // Batch statistics in training, and in evaluation when none are tracked (as PyTorch).
-        let use_batch_stats = mode == Mode::Train || !self.track_running_stats;
-        if use_batch_stats {
+        let (node, batch_stats) = if mode == Mode::Train || !self.track_running_stats {
             check_batch(value.shape(), dims)?;
-        }
-        let (node, batch_stats) = if use_batch_stats {
             let (gamma, beta) = if self.affine {
                 (to_f64(self.weight.value.view()), to_f64(self.bias.value.view()))
             } else {
