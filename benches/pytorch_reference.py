@@ -82,17 +82,21 @@ def torch_line(torch, name, shape, args):
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def cases(args):
+    """The (dtype name, shape) pairs the arguments select, in the Rust benchmark's order."""
+    shapes = args.shape or (QUICK if args.quick else GRID)
+    dtypes = [args.dtype] if args.dtype else ["f32", "f64"]
+    return [(name, shape) for name in dtypes for shape in shapes]
+
+
 def measure(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    shapes = args.shape or (QUICK if args.quick else GRID)
-    dtypes = [args.dtype] if args.dtype else ["f32", "f64"]
-    for name in dtypes:
-        for shape in shapes:
-            line = torch_line(torch, name, shape, args)
-            print(json.dumps(line), flush=True)
-            yield line
+    for name, shape in cases(args):
+        line = torch_line(torch, name, shape, args)
+        print(json.dumps(line), flush=True)
+        yield line
 
 
 def table(ours, theirs):
@@ -135,28 +139,25 @@ def interleave(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    shapes = args.shape or (QUICK if args.quick else GRID)
-    dtypes = [args.dtype] if args.dtype else ["f32", "f64"]
     ours, theirs = [], {}
-    for name in dtypes:
-        for shape in shapes:
-            rust_rounds, torch_rounds = [], []
-            for _ in range(args.rounds):
-                command = [args.bench, "--dtype", name, "--shape", "x".join(map(str, shape))]
-                if args.quick:
-                    command.append("--quick")
-                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-                rust_rounds.append(json.loads(output.strip().splitlines()[-1]))
-                torch_rounds.append(torch_line(torch, name, shape, args))
-            merged = dict(rust_rounds[0])
-            for key, digits in (("fused_us", 1), ("composed_us", 1), ("copy_gbps", 2), ("traffic_bound_us", 3)):
-                value = median_of(rust_rounds, key)
-                merged[key] = None if value is None else round(value, digits)
-            theirs_line = dict(torch_rounds[0], torch_us=round(median_of(torch_rounds, "torch_us"), 1))
-            print(f"{name} {'x'.join(map(str, shape))}: ours {[r['fused_us'] for r in rust_rounds]} us, "
-                  f"PyTorch {[t['torch_us'] for t in torch_rounds]} us", file=sys.stderr, flush=True)
-            ours.append(merged)
-            theirs[(name, tuple(shape))] = theirs_line
+    for name, shape in cases(args):
+        rust_rounds, torch_rounds = [], []
+        for _ in range(args.rounds):
+            command = [args.bench, "--dtype", name, "--shape", "x".join(map(str, shape))]
+            if args.quick:
+                command.append("--quick")
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            rust_rounds.append(json.loads(output.strip().splitlines()[-1]))
+            torch_rounds.append(torch_line(torch, name, shape, args))
+        merged = dict(rust_rounds[0])
+        for key, digits in (("fused_us", 1), ("composed_us", 1), ("copy_gbps", 2), ("traffic_bound_us", 3)):
+            value = median_of(rust_rounds, key)
+            merged[key] = None if value is None else round(value, digits)
+        theirs_line = dict(torch_rounds[0], torch_us=round(median_of(torch_rounds, "torch_us"), 1))
+        print(f"{name} {'x'.join(map(str, shape))}: ours {[r['fused_us'] for r in rust_rounds]} us, "
+              f"PyTorch {[t['torch_us'] for t in torch_rounds]} us", file=sys.stderr, flush=True)
+        ours.append(merged)
+        theirs[(name, tuple(shape))] = theirs_line
     if args.save_ours:
         with open(args.save_ours, "w") as f:
             for line in ours:
