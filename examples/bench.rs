@@ -48,6 +48,8 @@ const GRID: [&[usize]; 7] = [
 ];
 const QUICK: [&[usize]; 4] = [&[8, 4], &[64, 64], &[256, 1024], &[4096, 4096]];
 const COMPOSED_MAX_ELEMENTS: usize = 20_000_000;
+/// The most timed runs of one kind of pass in one case, however short the pass.
+const MAX_RUNS: usize = 10_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum Dtype {
@@ -88,7 +90,8 @@ fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
     }
 }
 
-/// Repetition budget: at least `min_runs`, and until `min_time` has passed (at most 10 000).
+/// Repetition budget: at least `min_runs`, and until `min_time` has passed (at most
+/// [`MAX_RUNS`]).
 #[derive(Clone, Copy)]
 struct Budget {
     min_runs: usize,
@@ -108,16 +111,16 @@ fn medians_us<I>(
     mut run_a: impl FnMut(I),
     mut run_b: Option<&mut dyn FnMut(I)>,
 ) -> (f64, Option<f64>) {
-    const STINTS: u32 = 4;
+    const STINTS: usize = 4;
     let stint = Budget {
-        min_runs: budget.min_runs.div_ceil(STINTS as usize),
-        min_time: budget.min_time / STINTS,
+        min_runs: budget.min_runs.div_ceil(STINTS),
+        min_time: budget.min_time / STINTS as u32,
     };
     let mut timed = |run: &mut dyn FnMut(I), times: &mut Vec<f64>| {
         run(setup()); // warm-up: page in code and buffers
         let start = Instant::now();
         let mut runs = 0;
-        while runs < stint.min_runs || (start.elapsed() < stint.min_time && runs < 2_500) {
+        while runs < stint.min_runs || (start.elapsed() < stint.min_time && runs < MAX_RUNS / STINTS) {
             let input = setup();
             let t = Instant::now();
             run(input);
