@@ -12,7 +12,7 @@
 //! the shape, never on the number of threads; per-block partial results are combined in block
 //! order. So the result is bit-identical on 1 thread or many, and rayon is used only above
 //! [`PARALLEL_MIN_ELEMENTS`]. Few blocks keep the partials small (each is `C` values) even
-//! when `C` is large; inside a block, statistics go through cache-sized pieces.
+//! when `C` is large; inside a block, statistics go through long pieces of rows.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -25,9 +25,12 @@ use tape::Element;
 /// they save on small inputs).
 pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 17;
 
-/// The most blocks the rows are split into: enough to share among threads, few enough that
-/// the per-block partials (`C` values each) stay small beside the data.
-pub const MAX_BLOCKS: usize = 64;
+/// The most blocks the rows are split into: enough to share among threads (8 per core here),
+/// few enough that the per-block costs stay small beside the data: each block allocates,
+/// fills and merges per-channel partials (`C` values each), and for wide rows that is the
+/// work of several rows. With 64 blocks the statistics of `1024 x 16384` f32 (16 rows a block)
+/// took 8.2 ms here, with 16 blocks 5.4 ms; `4096 x 4096` 6.3 against 5.1 ms.
+pub const MAX_BLOCKS: usize = 16;
 
 /// Channels per tile when the backward sums walk `(N, C)` rows (the statistics have their own,
 /// [`STATS_TILE`]): the per-channel f64 arrays a loop touches
@@ -49,15 +52,18 @@ fn tiles_of(c: usize, width: usize) -> impl Iterator<Item = Range<usize>> {
         .map(move |start| start..(start + width).min(c))
 }
 
-/// Channels per tile for the statistics, whose pieces are cut to the tile (see
-/// [`block_moments`]): with 1024 channels a piece still holds 32 rows, and the three
-/// per-channel f64 arrays (24 KiB) stay in L1.
+/// Channels per tile for the statistics: the four per-channel f64 arrays their loop touches
+/// (32 KiB) stay in L1 however wide the layer is. Tiles of 4096 channels were no faster here.
 const STATS_TILE: usize = 1024;
 
-/// Target elements per piece of a block for the two-pass statistics: the piece is read twice,
-/// the second time from cache (128 KiB of f32, 256 KiB of f64, inside the 512 KiB L2 of a Zen 3
-/// core).
-const PIECE_ELEMENTS: usize = 1 << 15;
+/// Target elements per piece for the statistics (`(N, C)` data): each piece costs a merge per
+/// channel, so pieces are long; the running mean, the shift of the next piece's sums, is
+/// updated between pieces.
+const STATS_PIECE_ELEMENTS: usize = 1 << 17;
+
+/// The fewest elements in a block (unless the whole input is smaller): smaller blocks cost
+/// more in per-block partials than they share.
+const MIN_BLOCK_ELEMENTS: usize = 1 << 15;
 
 /// The `(N, C, S)` view of an input of shape `(N, C, *spatial)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,11 +99,11 @@ impl Dims {
         self.n * self.row()
     }
 
-    /// Rows per block: a fixed function of the shape. At most [`MAX_BLOCKS`] blocks, each at
-    /// least a piece's worth of elements (smaller blocks cost more in partials than they share).
+    /// Rows per block: a fixed function of the shape. At most [`MAX_BLOCKS`] blocks, each of at
+    /// least [`MIN_BLOCK_ELEMENTS`] (in whole rows).
     fn block_rows(&self) -> usize {
         let by_count = self.n.div_ceil(MAX_BLOCKS);
-        let by_size = PIECE_ELEMENTS.div_ceil(self.row().max(1));
+        let by_size = MIN_BLOCK_ELEMENTS.div_ceil(self.row().max(1));
         by_count.max(by_size).max(1)
     }
 
@@ -165,11 +171,12 @@ impl Moments {
         self.count += count;
     }
 
-    /// Merges one channel's piece (for lanes of `(N, C, S)` data).
+    /// Merges one channel's piece of `count` values into its running moments over `seen`
+    /// values: `delta` is the piece's mean minus the running mean, `m2` its sum of squared
+    /// deviations from its own mean.
     #[inline(always)]
-    fn merge_channel(&mut self, channel: usize, count: f64, offset: f64, m2: f64, seen: f64) {
+    fn merge_channel(&mut self, channel: usize, count: f64, delta: f64, m2: f64, seen: f64) {
         let total = seen + count;
-        let delta = offset - self.offset[channel];
         self.offset[channel] += delta * (count / total);
         self.m2[channel] += m2 + delta * delta * (seen * count / total);
     }
@@ -188,6 +195,24 @@ fn chan_merge(seen: f64, count: f64, acc_offset: &mut [f64], acc_m2: &mut [f64],
         let delta = po - *o;
         *o += delta * weight;
         *m += pm + delta * delta * spread;
+    }
+}
+
+/// Chan et al.'s pairwise update with the pieces' means given relative to the running ones:
+/// merges a piece of `count` values per channel, whose means exceed the running means by
+/// `delta` and whose sums of squared deviations are `m2`, into running ones over `seen` values.
+#[inline(always)]
+fn merge_deltas(
+    seen: f64,
+    count: f64,
+    (acc_offset, acc_m2): (&mut [f64], &mut [f64]),
+    (delta, m2): (&[f64], &[f64]),
+) {
+    let total = seen + count;
+    let (weight, spread) = (count / total, seen * count / total);
+    for (((o, m), &d), &pm) in acc_offset.iter_mut().zip(acc_m2.iter_mut()).zip(delta).zip(m2) {
+        *o += d * weight;
+        *m += pm + d * d * spread;
     }
 }
 
@@ -215,37 +240,43 @@ fn quarter_steps<T>(rows: &[T], c: usize) -> (impl Iterator<Item = [&[T]; 4]>, &
     (steps, left)
 }
 
-/// `acc[j] += term(row[tile.start + j], j)` for every row of `rows` (rows of width `c`) and
-/// every `j` of the tile (`acc` is the tile's width), four rows per step (see
-/// [`quarter_steps`]): a quarter of the loads and stores of `acc`. Each column adds its rows in
-/// the same order whatever the tile.
+/// The sums of `d` and `d²` per column `j` of the tile, over every row of `rows` (rows of width
+/// `c`), where `d = (x - x0[j]) - shift[j]`; four rows per step (see [`quarter_steps`]): a
+/// quarter of the loads and stores of the sums. Each column adds its rows in the same order
+/// whatever the tile.
 #[inline(always)]
-fn add_rows<T: Copy>(
+fn add_shifted_rows<T: Element>(
     rows: &[T],
     c: usize,
     tile: &Range<usize>,
-    acc: &mut [f64],
-    term: impl Fn(T, usize) -> f64,
+    (x0, shift): (&[f64], &[f64]),
+    (s1, s2): (&mut [f64], &mut [f64]),
 ) {
     let w = tile.len();
-    let acc = &mut acc[..w];
+    // Slices cut to one width: the index loops carry no bounds checks and vectorise.
+    let (x0, shift, s1, s2) = (&x0[..w], &shift[..w], &mut s1[..w], &mut s2[..w]);
+    let d = |v: T, j: usize| (v.as_f64() - x0[j]) - shift[j];
     let (steps, left) = quarter_steps(rows, c);
-    for [a, b, d, e] in steps {
+    for [a, b, e, f] in steps {
         let t = tile.clone();
-        let (a, b, d, e) = (
+        let (a, b, e, f) = (
             &a[t.clone()][..w],
             &b[t.clone()][..w],
-            &d[t.clone()][..w],
-            &e[t][..w],
+            &e[t.clone()][..w],
+            &f[t][..w],
         );
         for j in 0..w {
-            acc[j] += (term(a[j], j) + term(b[j], j)) + (term(d[j], j) + term(e[j], j));
+            let (da, db, de, df) = (d(a[j], j), d(b[j], j), d(e[j], j), d(f[j], j));
+            s1[j] += (da + db) + (de + df);
+            s2[j] += (da * da + db * db) + (de * de + df * df);
         }
     }
     for row in left.chunks_exact(c) {
         let v = &row[tile.clone()][..w];
         for j in 0..w {
-            acc[j] += term(v[j], j);
+            let dv = d(v[j], j);
+            s1[j] += dv;
+            s2[j] += dv * dv;
         }
     }
 }
@@ -286,6 +317,55 @@ fn lane_sum2<A: Copy, B: Copy>(a: &[A], b: &[B], term: impl Fn(A, B) -> f64) -> 
     acc.iter().sum()
 }
 
+/// A piece's mean and sum of squared deviations from its `count` values' sums `s1` of `d` and
+/// `s2` of `d²`, where `d` is the value minus a shift: the mean of `d` and `s2 - s1²/count`.
+/// Check the result with [`cancelled`].
+#[inline(always)]
+fn from_shifted_sums(count: f64, s1: f64, s2: f64) -> (f64, f64) {
+    let mean = s1 / count;
+    (mean, s2 - s1 * mean)
+}
+
+/// Whether [`from_shifted_sums`]' subtraction cancelled more digits than
+/// [`CANCELLATION_LIMIT`] allows, judged from its result: `s2 / m2 = 1 + count · mean² / m2`.
+/// Also true for NaN, and for a negative `m2` (rounding) unless all `d` were 0.
+#[inline(always)]
+fn cancelled(count: f64, mean: f64, m2: f64) -> bool {
+    let (spread, allowed) = (count * mean * mean, (CANCELLATION_LIMIT - 1.0) * m2);
+    spread > allowed || spread.is_nan() || allowed.is_nan()
+}
+
+/// How much larger than the result `m2` the sum of squares `s2` it is computed from may be:
+/// the rounding error of `s2 - s1²/count` is that many times the error of `s2` relative to
+/// `m2`, so 16 costs at most 4 of f64's 53 bits (a two-pass sum of squared deviations has
+/// ratio 1). With the shift at a running mean the ratio is close to 1; it exceeds 16 where the
+/// shift is more than ~3.9 standard deviations from the piece's mean (an outlier as a block's
+/// first row, or a batch whose mean jumps between pieces), and then that channel's piece is
+/// summed again in two passes.
+const CANCELLATION_LIMIT: f64 = 16.0;
+
+/// The fallback for a [`cancelled`] piece: the mean of `d = (v - x0) - shift` over `values` and the sum
+/// of squared deviations from it, with the corrected two-pass algorithm (Chan, Golub and
+/// LeVeque): a first mean, then the deviations from it, whose sum corrects the mean for the
+/// rounding of the first pass (a shift far from the data makes the partial sums of `d` large).
+#[cold]
+fn two_pass(values: impl Iterator<Item = f64> + Clone, x0: f64, shift: f64) -> (f64, f64) {
+    let d = move |v: f64| (v - x0) - shift;
+    let (mut count, mut sum) = (0.0, 0.0);
+    for v in values.clone() {
+        count += 1.0;
+        sum += d(v);
+    }
+    let first = sum / count;
+    let (mut sum_e, mut sum_e2) = (0.0, 0.0);
+    for v in values {
+        let e = d(v) - first;
+        sum_e += e;
+        sum_e2 += e * e;
+    }
+    (first + sum_e / count, sum_e2 - sum_e * sum_e / count)
+}
+
 /// Per-channel batch statistics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stats {
@@ -324,15 +404,23 @@ pub fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
         .collect()
 }
 
-/// Per-channel mean and biased variance of `x`, in `f64`, reading `x` from memory once.
+/// Per-channel mean and biased variance of `x`, in `f64`, reading `x` once.
 ///
-/// Each cache-sized piece (a lane of `S` values, or a few rows of `(N, C)` data) gets an exact
-/// two-pass result, its mean and then its sum of squared deviations from that mean (the second
-/// pass reads the piece from cache; no cancellation, unlike `E[x²] - E[x]²` or shifted sums,
-/// which lose digits to outliers); pieces and then blocks are merged in order with Chan et al.'s
-/// pairwise formula. Every value is taken relative to `x₀`, the channel's first value: a
-/// constant channel then sums exact zeros, so its mean is exactly its value and its variance
-/// exactly 0, whatever the value (a plain sum of 1e30 repeated is not exact in f64).
+/// `(N, C)` data: each piece (a run of rows of a block) is summed in one pass as `d` and `d²`,
+/// with `d` the value minus the channel's running mean (the mean of the block's pieces before
+/// it; for the first piece, the block's first row), which gives the piece's mean and its sum of
+/// squared deviations `Σd² - (Σd)²/n`. That subtraction cancels digits only where the shift is
+/// far from the piece's mean in standard deviations; where it would cost more than 4 bits (see
+/// [`CANCELLATION_LIMIT`]) that channel's piece is summed again in two passes, mean first, then
+/// squared deviations from it, which cancels nothing. So outliers cost no accuracy, and typical
+/// data is read once: two passes over every piece (the second from L2) made the statistics of
+/// `65536 x 256` f32 take 4.3 ms here instead of 2.9 ms. `(N, C, S)` data: each lane of `S`
+/// values is contiguous and small, and gets two passes (the second from L1). Pieces and lanes,
+/// then blocks, are merged in order with Chan et al.'s pairwise formula.
+///
+/// Every value is taken relative to `x₀`, the channel's first value: a constant channel then
+/// sums exact zeros, so its mean is exactly its value and its variance exactly 0, whatever the
+/// value (a plain sum of 1e30 repeated is not exact in f64).
 pub fn stats<T: Element>(x: &[T], dims: Dims) -> Stats {
     let c = dims.c;
     let x0: Vec<f64> = (0..c)
@@ -359,35 +447,44 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
     let c = dims.c;
     let mut moments = Moments::new(c);
     if dims.s == 1 {
-        // Tile by tile, each in pieces of rows cut to the tile, so a piece holds a piece's worth
-        // of values however wide the rows: full-width pieces of 16384 channels held 2 rows, and
-        // the statistics of `1024 x 16384` f32 took 11.7 ms here against 5.8 ms this way
-        // (`4096 x 4096`: 4.4 against 4.1 ms; 1024 channels or fewer are one tile, as before).
-        let (mut offset, mut m2) = (vec![0.0; c], vec![0.0; c]);
+        // The running mean starts at the block's first row (merged with `seen = 0`, the first
+        // piece's mean replaces it): a shift near every block's data, even where the batch
+        // drifts or is sorted, not only near the first block's.
+        for ((o, v), z) in moments.offset.iter_mut().zip(&data[..c.min(data.len())]).zip(x0) {
+            *o = v.as_f64() - z;
+        }
+        let (mut s1, mut s2) = (vec![0.0; c], vec![0.0; c]);
         for tile in tiles_of(c, STATS_TILE) {
             let w = tile.len();
-            let rows_per_piece = (PIECE_ELEMENTS / w).max(1);
-            // Slices cut to one width: the index loops carry no bounds checks and vectorise.
-            let acc_offset = &mut moments.offset[tile.clone()][..w];
-            let acc_m2 = &mut moments.m2[tile.clone()][..w];
-            let offset = &mut offset[tile.clone()][..w];
-            let m2 = &mut m2[tile.clone()][..w];
+            let rows_per_piece = (STATS_PIECE_ELEMENTS / w).max(1);
             let x0 = &x0[tile.clone()][..w];
+            let (s1, s2) = (&mut s1[tile.clone()][..w], &mut s2[tile.clone()][..w]);
             let mut seen = 0.0;
             for piece in data.chunks(rows_per_piece * c) {
                 let count = (piece.len() / c) as f64;
-                offset.fill(0.0);
-                m2.fill(0.0);
-                add_rows(piece, c, &tile, offset, |v, j| v.as_f64() - x0[j]);
-                for o in offset.iter_mut() {
-                    *o /= count;
+                s1.fill(0.0);
+                s2.fill(0.0);
+                let shift = &moments.offset[tile.clone()][..w];
+                add_shifted_rows(piece, c, &tile, (x0, shift), (&mut *s1, &mut *s2));
+                // In place: s1 becomes each channel's piece mean minus its shift, s2 its sum of
+                // squared deviations (a vectorised loop; the rare cancelled channel is redone).
+                let mut any_cancelled = false;
+                for j in 0..w {
+                    let (mean, m2) = from_shifted_sums(count, s1[j], s2[j]);
+                    (s1[j], s2[j]) = (mean, m2);
+                    any_cancelled |= cancelled(count, mean, m2);
                 }
-                let offset = &*offset;
-                add_rows(piece, c, &tile, m2, |v, j| {
-                    let d = (v.as_f64() - x0[j]) - offset[j];
-                    d * d
-                });
-                chan_merge(seen, count, acc_offset, acc_m2, offset, m2);
+                if any_cancelled {
+                    for j in 0..w {
+                        if cancelled(count, s1[j], s2[j]) {
+                            let column = piece[tile.start + j..].iter().step_by(c);
+                            (s1[j], s2[j]) = two_pass(column.map(|v| v.as_f64()), x0[j], shift[j]);
+                        }
+                    }
+                }
+                let offset = &mut moments.offset[tile.clone()][..w];
+                let m2 = &mut moments.m2[tile.clone()][..w];
+                merge_deltas(seen, count, (offset, m2), (s1, s2));
                 seen += count;
             }
         }
@@ -397,12 +494,15 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
         for (row_index, row) in data.chunks_exact(dims.row()).enumerate() {
             let seen = (row_index * dims.s) as f64;
             for (channel, (lane, &z)) in row.chunks_exact(dims.s).zip(x0).enumerate() {
+                // A lane is contiguous and small (the second pass reads it from L1): an exact
+                // two-pass result, merged with the running mean.
                 let offset = lane_sum(lane, |v| v.as_f64() - z) / count;
                 let m2 = lane_sum(lane, |v| {
                     let d = (v.as_f64() - z) - offset;
                     d * d
                 });
-                moments.merge_channel(channel, count, offset, m2, seen);
+                let delta = offset - moments.offset[channel];
+                moments.merge_channel(channel, count, delta, m2, seen);
             }
         }
         moments.count = (data.len() / c.max(1)) as f64;
@@ -892,10 +992,11 @@ mod tests {
 
     #[test]
     fn wide_rows_tiled_statistics_match_a_direct_computation() {
-        // 1100 channels: a full tile of 1024 and a ragged one of 76; blocks of 40 rows, so each
-        // tile of a block is two pieces (32 rows, then 8) merged with Chan's update.
-        let d = dims(64 * 40, 1100, 1);
-        assert_eq!(d.block_rows(), 40);
+        // 1100 channels: a full tile of 1024 and a ragged one of 76; blocks of 160 rows, so each
+        // tile of a block is two pieces (128 rows, then 32) merged with Chan's update.
+        let d = dims(16 * 160, 1100, 1);
+        assert_eq!(d.block_rows(), 160);
+        assert_eq!(STATS_PIECE_ELEMENTS / STATS_TILE, 128);
         let x: Vec<f64> = (0..d.len())
             .map(|i| ((i * 7919) % 1013) as f64 * 0.37 + 1e3 * (i % 1100 % 7) as f64)
             .collect();
@@ -907,6 +1008,36 @@ mod tests {
             let var = compensated_sum(column().map(|v| (v - mean).powi(2))) / m;
             approx::assert_relative_eq!(st.mean[c], mean, max_relative = 1e-14);
             approx::assert_relative_eq!(st.var[c], var, max_relative = 1e-13);
+        }
+    }
+
+    #[test]
+    fn an_outlier_as_the_shift_is_summed_again_in_two_passes() {
+        // Each block's first row, the shift of its one-pass sums, is an outlier (1e8 among values
+        // near 3): `Σd² - (Σd)²/n` would cancel ~log2(n) bits. Without the two-pass fallback the
+        // variance was off by 1.3e-10 (1 channel) and 9.7e-12 (3 channels) relative, here
+        // within 2e-14.
+        for c in [1, 3] {
+            let d = dims(50_000, c, 1);
+            let x: Vec<f64> = (0..d.len())
+                .map(|i| {
+                    if (i / c) % d.block_rows() == 0 {
+                        1e8 + (i % 7) as f64
+                    } else {
+                        3.0 + ((i * 7919) % 101) as f64 * 1e-3
+                    }
+                })
+                .collect();
+            let st = stats(&x, d);
+            for ch in 0..c {
+                let column = || x.iter().skip(ch).step_by(c).copied();
+                let m = d.n as f64;
+                let mean = compensated_sum(column()) / m;
+                let var = compensated_sum(column().map(|v| (v - mean).powi(2))) / m;
+                let mean_err = (st.mean[ch] - mean).abs() / var.sqrt();
+                assert!(mean_err <= 1e-12, "mean off by {mean_err:e} std");
+                approx::assert_relative_eq!(st.var[ch], var, max_relative = 1e-12);
+            }
         }
     }
 
