@@ -514,6 +514,11 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
 /// channels with values scaled by the channel's largest magnitude.
 #[cold]
 fn rescue_overflow<T: Element>(x: &[T], dims: Dims, stats: &mut Stats) {
+    // One vectorised check first (a fold, no early exit): the loop below is for the rare channel.
+    let finite = |v: &[f64]| v.iter().fold(true, |all, v| all & v.is_finite());
+    if finite(&stats.mean) & finite(&stats.var) {
+        return;
+    }
     let m = dims.per_channel() as f64;
     for channel in 0..dims.c {
         if stats.mean[channel].is_finite() && stats.var[channel].is_finite() {
@@ -576,22 +581,25 @@ impl<T: Element> SplitAffine<T> {
     fn new(mean: &[f64], scale: &[f64], shift: &[f64]) -> Option<Self> {
         // Rounding overflowed where a finite value became infinite (a non-finite one stays as
         // it is: f64 evaluation would not help it).
+        // (A fold, not `all`: no early exit, so the check vectorises.)
+        let fits = |values: &[f64], rounded: &[T]| {
+            let both = values.iter().zip(rounded);
+            both.fold(true, |fits, (v, r)| fits & (r.is_finite() | !v.is_finite()))
+        };
         let round = |values: &[f64]| -> Option<Vec<T>> {
             let rounded: Vec<T> = values.iter().map(|&v| T::from_f64_lossy(v)).collect();
-            let fits = values
-                .iter()
-                .zip(&rounded)
-                .all(|(v, r)| r.is_finite() || !v.is_finite());
-            fits.then_some(rounded)
+            fits(values, &rounded).then_some(rounded)
         };
         let mean_hi = round(mean)?;
-        let mean_lo: Vec<f64> = mean
+        // The rest is smaller than half a unit of `mean_hi`'s last place: it fits where `mean_hi`
+        // does (and is NaN where the mean is not finite).
+        let mean_lo = mean
             .iter()
             .zip(&mean_hi)
-            .map(|(&m, hi)| m - hi.as_f64())
+            .map(|(&m, hi)| T::from_f64_lossy(m - hi.as_f64()))
             .collect();
         Some(SplitAffine {
-            mean_lo: round(&mean_lo)?,
+            mean_lo,
             mean_hi,
             scale: round(scale)?,
             shift: round(shift)?,
