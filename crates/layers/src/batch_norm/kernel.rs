@@ -523,11 +523,13 @@ fn rescue_overflow<T: Element>(x: &[T], dims: Dims, stats: &mut Stats) {
     }
 }
 
+/// The values of one channel, row by row: its lane of `S` values in each row (only those are
+/// visited, not every lane of every row).
 fn channel_values<T: Element>(x: &[T], dims: Dims, channel: usize) -> impl Iterator<Item = f64> + '_ {
-    x.chunks_exact(dims.s.max(1))
-        .enumerate()
-        .filter(move |(i, _)| i % dims.c == channel)
-        .flat_map(|(_, lane)| lane.iter().map(|v| v.as_f64()))
+    let lane = channel * dims.s..(channel + 1) * dims.s;
+    x.chunks_exact(dims.row().max(1))
+        .flat_map(move |row| &row[lane.clone()])
+        .map(|v| v.as_f64())
 }
 
 /// Per-channel affine map `out = (x - mean) · scale + shift`. With `scale = gamma · inv_std`
