@@ -877,6 +877,16 @@ mod tests {
         sum + compensation
     }
 
+    /// Mean and biased variance of one channel of `x`, summed with Neumaier's compensation: the
+    /// reference the statistics are checked against.
+    fn exact_moments(x: &[f64], d: Dims, channel: usize) -> (f64, f64) {
+        let values: Vec<f64> = channel_values(x, d, channel).collect();
+        let n = values.len() as f64;
+        let mean = compensated_sum(values.iter().copied()) / n;
+        let var = compensated_sum(values.iter().map(|v| (v - mean).powi(2))) / n;
+        (mean, var)
+    }
+
     #[test]
     fn outliers_do_not_cost_accuracy() {
         // A huge value starts every lane and the channel (x₀), the rest is small noise around 3.
@@ -894,10 +904,7 @@ mod tests {
             for c in 0..2 {
                 // The reference sums with Neumaier's compensation: a plain sum of these values is
                 // itself off by ~1e-12.
-                let values: Vec<f64> = channel_values(&x, d, c).collect();
-                let n = values.len() as f64;
-                let mean = compensated_sum(values.iter().copied()) / n;
-                let var = compensated_sum(values.iter().map(|v| (v - mean).powi(2))) / n;
+                let (mean, var) = exact_moments(&x, d, c);
                 // What normalization uses is (x - mean) / std: the mean's error is measured in
                 // standard deviations (here the mean is 1e5 but x₀, the shift, is 1e8).
                 assert!(
@@ -998,10 +1005,7 @@ mod tests {
             .collect();
         let st = stats(&x, d);
         for c in 0..d.c {
-            let column = || x.iter().skip(c).step_by(d.c).copied();
-            let m = d.n as f64;
-            let mean = compensated_sum(column()) / m;
-            let var = compensated_sum(column().map(|v| (v - mean).powi(2))) / m;
+            let (mean, var) = exact_moments(&x, d, c);
             approx::assert_relative_eq!(st.mean[c], mean, max_relative = 1e-14);
             approx::assert_relative_eq!(st.var[c], var, max_relative = 1e-13);
         }
@@ -1026,10 +1030,7 @@ mod tests {
                 .collect();
             let st = stats(&x, d);
             for ch in 0..c {
-                let column = || x.iter().skip(ch).step_by(c).copied();
-                let m = d.n as f64;
-                let mean = compensated_sum(column()) / m;
-                let var = compensated_sum(column().map(|v| (v - mean).powi(2))) / m;
+                let (mean, var) = exact_moments(&x, d, ch);
                 let mean_err = (st.mean[ch] - mean).abs() / var.sqrt();
                 assert!(mean_err <= 1e-12, "mean off by {mean_err:e} std");
                 approx::assert_relative_eq!(st.var[ch], var, max_relative = 1e-12);
@@ -1051,12 +1052,9 @@ mod tests {
         let moments = block_moments(&x, d, &x0);
         assert_eq!(moments.count, d.n as f64);
         for (c, z) in x0.iter().enumerate() {
-            let column = || x.iter().skip(c).step_by(d.c).copied();
-            let m = d.n as f64;
-            let mean = compensated_sum(column()) / m;
-            let var = compensated_sum(column().map(|v| (v - mean).powi(2))) / m;
+            let (mean, var) = exact_moments(&x, d, c);
             approx::assert_relative_eq!(z + moments.offset[c], mean, max_relative = 1e-14);
-            approx::assert_relative_eq!(moments.m2[c] / m, var, max_relative = 1e-13);
+            approx::assert_relative_eq!(moments.m2[c] / d.n as f64, var, max_relative = 1e-13);
         }
     }
 
