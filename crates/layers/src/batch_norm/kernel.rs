@@ -328,10 +328,11 @@ fn cancelled(count: f64, mean: f64, m2: f64) -> bool {
 /// statistics of `65536 x 256` f32 took 55 ms instead of 4).
 const CANCELLATION_LIMIT: f64 = 16.0;
 
-/// The fallback for a [`cancelled`] piece: the mean of `d = (v - x0) - shift` over `values` and the sum
-/// of squared deviations from it, with the corrected two-pass algorithm (Chan, Golub and
-/// LeVeque): a first mean, then the deviations from it, whose sum corrects the mean for the
-/// rounding of the first pass (a shift far from the data makes the partial sums of `d` large).
+/// The fallback for a [`cancelled`] piece: the mean of `d = (v - x0) - shift` over `values`
+/// and the sum of squared deviations from it, with the corrected two-pass algorithm (Chan,
+/// Golub and LeVeque): a first mean, then the deviations from it, whose sum corrects the mean
+/// for the rounding of the first pass (a shift far from the data makes the partial sums of `d`
+/// large).
 #[cold]
 fn two_pass(values: impl Iterator<Item = f64> + Clone, x0: f64, shift: f64) -> (f64, f64) {
     let d = move |v: f64| (v - x0) - shift;
@@ -393,13 +394,14 @@ pub fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
 /// `(N, C)` data: each piece (a run of rows of a block) is summed in one pass as `d` and `d²`,
 /// with `d` the value minus the piece's first row, which gives the piece's mean and its sum of
 /// squared deviations `Σd² - (Σd)²/n`. That subtraction cancels digits only where the shift is
-/// far from the piece's mean in standard deviations (an outlier as the first row); where it would cost more than 4 bits (see
-/// `CANCELLATION_LIMIT`) that channel's piece is summed again in two passes, mean first, then
-/// squared deviations from it, which cancels nothing. So outliers cost no accuracy, and typical
-/// data is read once: with two passes over every piece (the second from L2) the statistics of
-/// `65536 x 256` f32 took 5.4 ms here, this way 3.6 ms. `(N, C, S)` data: each lane of `S`
-/// values is contiguous and small, and gets two passes (the second from L1). Pieces and lanes,
-/// then blocks, are merged in order with Chan et al.'s pairwise formula.
+/// far from the piece's mean in standard deviations (an outlier as the first row); where it
+/// would cost more than 4 bits (see `CANCELLATION_LIMIT`) that channel's piece is summed again
+/// in two passes, mean first, then squared deviations from it, which cancels nothing. So
+/// outliers cost no accuracy, and typical data is read once: with two passes over every piece
+/// (the second from L2) the statistics of `65536 x 256` f32 took 5.4 ms here, this way 3.6 ms.
+/// `(N, C, S)` data: each lane of `S` values is contiguous and small, and gets two passes (the
+/// second from L1). Pieces and lanes, then blocks, are merged in order with Chan et al.'s
+/// pairwise formula.
 ///
 /// Every value is taken relative to `x₀`, the channel's first value: a constant channel then
 /// sums exact zeros, so its mean is exactly its value and its variance exactly 0, whatever the
