@@ -113,22 +113,39 @@ impl Dims {
     }
 }
 
-/// Runs `work` on each block of rows (as an element range) and returns the results in block
-/// order, on several threads for large inputs.
+/// Runs `work` on each block of rows (as an element range), on several threads for large
+/// inputs, and folds the results in block order: the first block's result is the running total,
+/// and `merge(total, next)` adds each next one. `None` when there are no blocks (zero channels,
+/// say: rows of width 0 cannot be walked).
 #[inline(always)]
-fn per_block<R: Send>(dims: Dims, work: impl Fn(Range<usize>) -> R + Sync + Send) -> Vec<R> {
+fn per_block<R: Send>(
+    dims: Dims,
+    work: impl Fn(Range<usize>) -> R + Sync + Send,
+    merge: impl FnMut(&mut R, R),
+) -> Option<R> {
     if dims.len() == 0 {
-        // No blocks (zero channels, say: rows of width 0 cannot be walked).
-        return Vec::new();
+        return None;
     }
     let rows = dims.block_rows();
     let blocks = dims.n.div_ceil(rows);
     let range = |i: usize| i * rows * dims.row()..((i + 1) * rows).min(dims.n) * dims.row();
     if dims.parallel() {
-        (0..blocks).into_par_iter().map(|i| work(range(i))).collect()
+        let results: Vec<R> = (0..blocks).into_par_iter().map(|i| work(range(i))).collect();
+        fold_in_order(results.into_iter(), merge)
     } else {
-        (0..blocks).map(|i| work(range(i))).collect()
+        // One block after the other, merged as they come: no list of results.
+        fold_in_order((0..blocks).map(|i| work(range(i))), merge)
     }
+}
+
+/// The first of `results` with each next one merged into it, in order.
+#[inline(always)]
+fn fold_in_order<R>(mut results: impl Iterator<Item = R>, mut merge: impl FnMut(&mut R, R)) -> Option<R> {
+    let mut total = results.next()?;
+    for result in results {
+        merge(&mut total, result);
+    }
+    Some(total)
 }
 
 /// Runs `f`, which calls several of the functions here one after the other, as one job on
@@ -223,7 +240,7 @@ fn quarter_steps<T>(rows: &[T], c: usize) -> (impl Iterator<Item = [&[T]; 4]>, &
 }
 
 /// The sums of `d` and `d²` per column `j` of the tile, over every row of `rows` (rows of width
-/// `c`), where `d = (x - x0[j]) - shift[j]`; four rows per step (see [`quarter_steps`]): a
+/// `c`), where `d = x - shift[j]`; four rows per step (see [`quarter_steps`]): a
 /// quarter of the loads and stores of the sums. Each column adds its rows in the same order
 /// whatever the tile.
 #[inline(always)]
@@ -231,13 +248,13 @@ fn add_shifted_rows<T: Element>(
     rows: &[T],
     c: usize,
     tile: &Range<usize>,
-    (x0, shift): (&[f64], &[f64]),
+    shift: &[f64],
     (s1, s2): (&mut [f64], &mut [f64]),
 ) {
     let w = tile.len();
     // Slices cut to one width: the index loops carry no bounds checks and vectorise.
-    let (x0, shift, s1, s2) = (&x0[..w], &shift[..w], &mut s1[..w], &mut s2[..w]);
-    let d = |v: T, j: usize| (v.as_f64() - x0[j]) - shift[j];
+    let (shift, s1, s2) = (&shift[..w], &mut s1[..w], &mut s2[..w]);
+    let d = |v: T, j: usize| v.as_f64() - shift[j];
     let (steps, left) = quarter_steps(rows, c);
     for [a, b, e, f] in steps {
         let t = tile.clone();
@@ -328,14 +345,14 @@ fn cancelled(count: f64, mean: f64, m2: f64) -> bool {
 /// statistics of `65536 x 256` f32 took 55 ms instead of 4).
 const CANCELLATION_LIMIT: f64 = 16.0;
 
-/// The fallback for a [`cancelled`] piece: the mean of `d = (v - x0) - shift` over `values`
+/// The fallback for a [`cancelled`] piece: the mean of `d = v - shift` over `values`
 /// and the sum of squared deviations from it, with the corrected two-pass algorithm (Chan,
 /// Golub and LeVeque): a first mean, then the deviations from it, whose sum corrects the mean
 /// for the rounding of the first pass (a shift far from the data makes the partial sums of `d`
 /// large).
 #[cold]
-fn two_pass(values: impl Iterator<Item = f64> + Clone, x0: f64, shift: f64) -> (f64, f64) {
-    let d = move |v: f64| (v - x0) - shift;
+fn two_pass(values: impl Iterator<Item = f64> + Clone, shift: f64) -> (f64, f64) {
+    let d = move |v: f64| v - shift;
     let (mut count, mut sum) = (0.0, 0.0);
     for v in values.clone() {
         count += 1.0;
@@ -411,14 +428,27 @@ pub fn stats<T: Element>(x: &[T], dims: Dims) -> Stats {
     let x0: Vec<f64> = (0..c)
         .map(|ch| x.get(ch * dims.s).map_or(0.0, |v| v.as_f64()))
         .collect();
-    let blocks = per_block(dims, |range| block_moments(&x[range], dims, &x0));
-    let mut total = Moments::new(c);
-    for block in blocks {
-        total.merge(block.count, &block.offset, &block.m2);
+    // The first block's moments are the running total (merging them into zeros would copy them
+    // exactly), and become the statistics in place.
+    let total = per_block(
+        dims,
+        |range| block_moments(&x[range], dims, &x0),
+        |total, block| total.merge(block.count, &block.offset, &block.m2),
+    );
+    let Moments {
+        count,
+        offset: mut mean,
+        m2: mut var,
+    } = total.unwrap_or_else(|| Moments::new(c));
+    for (m, x0) in mean.iter_mut().zip(&x0) {
+        *m += x0;
+    }
+    for v in &mut var {
+        *v /= count;
     }
     let mut stats = Stats {
-        mean: x0.iter().zip(&total.offset).map(|(x0, o)| x0 + o).collect(),
-        var: total.m2.iter().map(|m2| m2 / total.count).collect(),
+        mean,
+        var,
         overflowed: Vec::new(),
     };
     rescue_overflow(x, dims, &mut stats);
@@ -432,7 +462,10 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
     let c = dims.c;
     let mut moments = Moments::new(c);
     if dims.s == 1 {
-        let (mut s1, mut s2, mut shift) = (vec![0.0; c], vec![0.0; c], vec![0.0; c]);
+        // The sums and shifts of a piece, one allocation cut in three.
+        let mut scratch = vec![0.0; 3 * c];
+        let (s1, rest) = scratch.split_at_mut(c);
+        let (s2, shift) = rest.split_at_mut(c);
         for tile in tiles_of(c, STATS_TILE) {
             let w = tile.len();
             let rows_per_piece = (STATS_PIECE_ELEMENTS / w).max(1);
@@ -443,13 +476,14 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
             for piece in data.chunks(rows_per_piece * c) {
                 let count = (piece.len() / c) as f64;
                 // The piece's first row is its shift: a value of the piece's own data, near its
-                // mean even where the batch drifts or is sorted.
-                for ((h, v), z) in shift.iter_mut().zip(&piece[tile.clone()]).zip(x0) {
-                    *h = v.as_f64() - z;
+                // mean even where the batch drifts or is sorted. (One subtraction per value: for
+                // f32 data `v - shift` is exact in f64, and 0 wherever `v` equals the shift.)
+                for (h, v) in shift.iter_mut().zip(&piece[tile.clone()]) {
+                    *h = v.as_f64();
                 }
                 s1.fill(0.0);
                 s2.fill(0.0);
-                add_shifted_rows(piece, c, &tile, (x0, shift), (&mut *s1, &mut *s2));
+                add_shifted_rows(piece, c, &tile, shift, (&mut *s1, &mut *s2));
                 // In place: s1 becomes each channel's piece mean minus its shift, s2 its sum of
                 // squared deviations (a vectorised loop; the rare cancelled channel is redone).
                 let mut any_cancelled = false;
@@ -462,13 +496,13 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
                     for j in 0..w {
                         if cancelled(count, s1[j], s2[j]) {
                             let column = piece[tile.start + j..].iter().step_by(c);
-                            (s1[j], s2[j]) = two_pass(column.map(|v| v.as_f64()), x0[j], shift[j]);
+                            (s1[j], s2[j]) = two_pass(column.map(|v| v.as_f64()), shift[j]);
                         }
                     }
                 }
                 // The piece's mean offsets (from x₀), merged into the block's.
-                for (m, h) in s1.iter_mut().zip(&*shift) {
-                    *m += h;
+                for ((m, h), z) in s1.iter_mut().zip(&*shift).zip(x0) {
+                    *m += h - z;
                 }
                 let offset = &mut moments.offset[tile.clone()][..w];
                 let m2 = &mut moments.m2[tile.clone()][..w];
@@ -543,9 +577,10 @@ fn channel_values<T: Element>(x: &[T], dims: Dims, channel: usize) -> impl Itera
 /// inputs, so the split cannot change a result.
 pub fn normalize<T: Element>(x: &[T], dims: Dims, mean: &[f64], scale: &[f64], shift: &[f64]) -> Vec<T> {
     if let Some(k) = SplitAffine::<T>::new(mean, scale, shift) {
-        let k = [&k.mean_hi[..], &k.mean_lo[..], &k.scale[..], &k.shift[..]];
         let map = |v: T, hi: T, lo: T, a: T, b: T| ((v - hi) - lo) * a + b;
-        collect_blocks(dims, |range, out| normalize_block(&x[range], out, dims, k, map))
+        collect_blocks(dims, |range, out| {
+            normalize_block(&x[range], out, dims, k.parts(), map)
+        })
     } else {
         let k = [mean, mean, scale, shift];
         let map = |v: T, mu: f64, _: f64, a: f64, b: f64| T::from_f64_lossy((v.as_f64() - mu) * a + b);
@@ -559,41 +594,53 @@ pub fn normalize<T: Element>(x: &[T], dims: Dims, mean: &[f64], scale: &[f64], s
 /// a rounded mean would lose (`x - mean` in f32 near mean 1e4 would be off by up to 5e-4), and
 /// `x == mean` still gives exactly 0. For f64 `mean_lo` is 0 and nothing changes.
 struct SplitAffine<T> {
-    mean_hi: Vec<T>,
-    mean_lo: Vec<T>,
-    scale: Vec<T>,
-    shift: Vec<T>,
+    /// `mean_hi`, `mean_lo`, `scale` and `shift`, `C` values each, in one allocation.
+    coefficients: Vec<T>,
 }
 
 impl<T: Element> SplitAffine<T> {
     /// `None` when a coefficient overflows `T` (a huge `gamma` in f32, say): [`normalize`] then
     /// evaluates in f64, where `0 · scale` stays 0 instead of `0 · inf = NaN`.
     fn new(mean: &[f64], scale: &[f64], shift: &[f64]) -> Option<Self> {
-        // Rounding overflowed where a finite value became infinite (a non-finite one stays as
-        // it is: f64 evaluation would not help it).
-        // (A fold, not `all`: no early exit, so the check vectorises.)
-        let fits = |values: &[f64], rounded: &[T]| {
-            let both = values.iter().zip(rounded);
+        let c = mean.len();
+        let mut coefficients = vec![T::zero(); 4 * c];
+        let [mean_hi, mean_lo, scale_t, shift_t] = Self::split(&mut coefficients, c);
+        // Rounds `values` into `rounded`; false where a finite value became infinite (a
+        // non-finite one stays as it is: f64 evaluation would not help it). A fold, not `all`:
+        // no early exit, so the check vectorises.
+        let round = |values: &[f64], rounded: &mut [T]| {
+            for (r, &v) in rounded.iter_mut().zip(values) {
+                *r = T::from_f64_lossy(v);
+            }
+            let both = values.iter().zip(&*rounded);
             both.fold(true, |fits, (v, r)| fits & (r.is_finite() | !v.is_finite()))
         };
-        let round = |values: &[f64]| -> Option<Vec<T>> {
-            let rounded: Vec<T> = values.iter().map(|&v| T::from_f64_lossy(v)).collect();
-            fits(values, &rounded).then_some(rounded)
-        };
-        let mean_hi = round(mean)?;
+        // `&`, not `&&`: all three are rounded either way.
+        if !(round(mean, mean_hi) & round(scale, scale_t) & round(shift, shift_t)) {
+            return None;
+        }
         // The rest is smaller than half a unit of `mean_hi`'s last place: it fits where `mean_hi`
         // does (and is NaN where the mean is not finite).
-        let mean_lo = mean
-            .iter()
-            .zip(&mean_hi)
-            .map(|(&m, hi)| T::from_f64_lossy(m - hi.as_f64()))
-            .collect();
-        Some(SplitAffine {
-            mean_lo,
-            mean_hi,
-            scale: round(scale)?,
-            shift: round(shift)?,
-        })
+        for ((lo, hi), &m) in mean_lo.iter_mut().zip(&*mean_hi).zip(mean) {
+            *lo = T::from_f64_lossy(m - hi.as_f64());
+        }
+        Some(SplitAffine { coefficients })
+    }
+
+    fn split(coefficients: &mut [T], c: usize) -> [&mut [T]; 4] {
+        let (mean_hi, rest) = coefficients.split_at_mut(c);
+        let (mean_lo, rest) = rest.split_at_mut(c);
+        let (scale, shift) = rest.split_at_mut(c);
+        [mean_hi, mean_lo, scale, shift]
+    }
+
+    /// `[mean_hi, mean_lo, scale, shift]`.
+    fn parts(&self) -> [&[T]; 4] {
+        let c = self.coefficients.len() / 4;
+        let (mean_hi, rest) = self.coefficients.split_at(c);
+        let (mean_lo, rest) = rest.split_at(c);
+        let (scale, shift) = rest.split_at(c);
+        [mean_hi, mean_lo, scale, shift]
     }
 }
 
@@ -672,16 +719,19 @@ fn collect_blocks<T: Element>(
 /// `sum(dout)` and `sum(dout · (x - mean))`.
 pub fn grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, mean: &[f64]) -> (Vec<f64>, Vec<f64>) {
     let c = dims.c;
-    let partials = per_block(dims, |range| {
-        block_grad_sums(&dout[range.clone()], &x[range], dims, mean)
-    });
-    let (mut sum_dout, mut sum_dout_xmu) = (vec![0.0; c], vec![0.0; c]);
-    for (block_dout, block_dout_xmu) in partials {
-        for ch in 0..c {
-            sum_dout[ch] += block_dout[ch];
-            sum_dout_xmu[ch] += block_dout_xmu[ch];
-        }
-    }
+    // The first block's sums are the running total (adding them to zeros would copy them, up to
+    // the sign of a zero).
+    let sums = per_block(
+        dims,
+        |range| block_grad_sums(&dout[range.clone()], &x[range], dims, mean),
+        |(sum_dout, sum_dout_xmu), (block_dout, block_dout_xmu)| {
+            for ch in 0..c {
+                sum_dout[ch] += block_dout[ch];
+                sum_dout_xmu[ch] += block_dout_xmu[ch];
+            }
+        },
+    );
+    let (sum_dout, sum_dout_xmu) = sums.unwrap_or_else(|| (vec![0.0; c], vec![0.0; c]));
     (sum_dout, sum_dout_xmu)
 }
 

@@ -192,12 +192,11 @@ impl<T: Element> BatchNorm<T> {
         let (node, batch_stats) = if mode == Mode::Train || !self.track_running_stats {
             check_batch(value.shape(), dims)?;
             let (gamma, beta) = if self.affine {
-                (to_f64(self.weight.value.view()), to_f64(self.bias.value.view()))
+                (to_f64(&self.weight.value), to_f64(&self.bias.value))
             } else {
                 (vec![1.0; dims.c], vec![0.0; dims.c])
             };
-            let (node, stats) =
-                BatchNormNode::training(&row_major(&value.view()), dims, &gamma, &beta, self.eps);
+            let (node, stats) = BatchNormNode::training(&row_major(&value), dims, &gamma, &beta, self.eps);
             (node, Some(stats))
         } else {
             let node = BatchNormNode::from_running(&self.running_mean, &self.running_var, self.eps);

@@ -71,7 +71,7 @@ pub mod node;
 
 use std::borrow::Cow;
 
-use ndarray::{Array, Array1, ArrayD, ArrayView, AsArray, Dimension, Ix1};
+use ndarray::{Array, Array1, ArrayD, ArrayRef, AsArray, Dimension, Ix1};
 use tape::Element;
 
 use self::kernel::Dims;
@@ -130,18 +130,19 @@ pub(crate) fn check_training_inputs(x: &[usize], gamma: &[usize], beta: &[usize]
     Ok(dims)
 }
 
-/// The elements in row-major order, without a copy when the view is already contiguous.
-pub(crate) fn row_major<'a, T: Element, D: Dimension>(view: &ArrayView<'a, T, D>) -> Cow<'a, [T]> {
-    match view.to_slice() {
+/// The elements in row-major order, without a copy when they are already contiguous. (Takes the
+/// array itself, not a view: making an `IxDyn` view copies its shape and strides.)
+pub(crate) fn row_major<T: Element, D: Dimension>(values: &ArrayRef<T, D>) -> Cow<'_, [T]> {
+    match values.as_slice() {
         Some(slice) => Cow::Borrowed(slice),
-        None => Cow::Owned(view.iter().copied().collect()),
+        None => Cow::Owned(values.iter().copied().collect()),
     }
 }
 
 /// The values as f64, in row-major order (through a slice when contiguous: iterating an
-/// `IxDyn` view element by element costs nanoseconds per value).
-pub(crate) fn to_f64<T: Element, D: Dimension>(values: ArrayView<'_, T, D>) -> Vec<f64> {
-    row_major(&values).iter().map(|v| v.as_f64()).collect()
+/// `IxDyn` array element by element costs nanoseconds per value).
+pub(crate) fn to_f64<T: Element, D: Dimension>(values: &ArrayRef<T, D>) -> Vec<f64> {
+    row_major(values).iter().map(|v| v.as_f64()).collect()
 }
 
 pub(crate) fn from_f64<T: Element>(values: &[f64]) -> Array1<T> {
@@ -194,20 +195,27 @@ pub(crate) fn gradients<T: Element>(
 ) -> (Option<Vec<T>>, Vec<f64>, Vec<f64>) {
     // The two passes as one job on the thread pool (see `kernel::on_pool`).
     kernel::on_pool(dims, || {
-        let (sum_dout, sum_dout_xmu) = kernel::grad_sums(dout, x, dims, mean);
-        let dgamma: Vec<f64> = sum_dout_xmu.iter().zip(inv_std).map(|(s, r)| s * r).collect();
+        let (sum_dout, mut dgamma) = kernel::grad_sums(dout, x, dims, mean);
+        for (s, r) in dgamma.iter_mut().zip(inv_std) {
+            *s *= r; // sum(dout · (x - μ)) · r = sum(dout · x̂)
+        }
         let dx = want_dx.then(|| {
-            let m = dims.per_channel() as f64;
-            let grad_scale: Vec<f64> = gamma.iter().zip(inv_std).map(|(g, r)| g * r).collect();
-            let (mut xmu_scale, mut offset) = (vec![0.0; dims.c], vec![0.0; dims.c]);
+            let (c, m) = (dims.c, dims.per_channel() as f64);
+            // The three per-channel coefficients of `dx`, in one allocation.
+            let mut coefficients = vec![0.0; 3 * c];
+            let (grad_scale, rest) = coefficients.split_at_mut(c);
+            let (xmu_scale, offset) = rest.split_at_mut(c);
+            for ((a, g), r) in grad_scale.iter_mut().zip(gamma).zip(inv_std) {
+                *a = g * r;
+            }
             if batch_stats {
                 // dx = a·(g - mean(g) - x̂·mean(g·x̂)), a = γr, x̂ = (x - μ)r, mean(g·x̂) = dgamma / M.
-                for c in 0..dims.c {
+                for c in 0..c {
                     xmu_scale[c] = -grad_scale[c] * inv_std[c] * (dgamma[c] / m);
                     offset[c] = -grad_scale[c] * (sum_dout[c] / m);
                 }
             }
-            kernel::input_grad(dout, x, dims, mean, &grad_scale, &xmu_scale, &offset)
+            kernel::input_grad(dout, x, dims, mean, grad_scale, xmu_scale, offset)
         });
         (dx, dgamma, sum_dout)
     })
@@ -288,8 +296,8 @@ where
     let (x, gamma, beta) = (x.into(), gamma.into(), beta.into());
     let dims = check_training_inputs(x.shape(), gamma.shape(), beta.shape(), eps)?;
 
-    let gamma = to_f64(gamma.view());
-    let (stats, inv_std, out) = normalize_batch(&row_major(&x), dims, &gamma, &to_f64(beta.view()), eps);
+    let gamma = to_f64(&gamma);
+    let (stats, inv_std, out) = normalize_batch(&row_major(&x), dims, &gamma, &to_f64(&beta), eps);
     let cache = BatchNormCache {
         x: x.to_owned().into_dyn(),
         gamma,
@@ -344,7 +352,7 @@ where
         });
     }
     let dims = Dims::of(cache.x.shape());
-    let x = row_major(&cache.x.view());
+    let x = row_major(&cache.x);
     let (dx, dgamma, dbeta) = gradients(
         &row_major(&dout),
         &x,

@@ -64,8 +64,8 @@ impl<T: Element> BatchNormNode<T> {
 
     /// An evaluation-mode node: normalizes with running statistics, constants for backward.
     pub(crate) fn from_running(running_mean: &Array1<T>, running_var: &Array1<T>, eps: f64) -> Self {
-        let mean = to_f64(running_mean.view());
-        let inv_std = kernel::inv_std(&to_f64(running_var.view()), eps);
+        let mean = to_f64(running_mean);
+        let inv_std = kernel::inv_std(&to_f64(running_var), eps);
         Self::new(mean, inv_std, false)
     }
 
@@ -118,8 +118,8 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
             None => normalize(
                 &row_major(x),
                 dims,
-                &to_f64(gamma.view()),
-                &to_f64(beta.view()),
+                &to_f64(gamma),
+                &to_f64(beta),
                 &self.mean,
                 &self.inv_std,
             ),
@@ -136,7 +136,7 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
             &row_major(&args.grad_output),
             &row_major(x),
             dims,
-            &to_f64(gamma.view()),
+            &to_f64(gamma),
             &self.mean,
             &self.inv_std,
             self.batch_stats,
@@ -185,13 +185,13 @@ pub fn batch_norm<'t, T: Element>(
     beta: Var<'t, T>,
     eps: f64,
 ) -> Result<Var<'t, T>> {
-    let value = x.value();
-    let dims = check_training_inputs(value.shape(), &gamma.shape(), &beta.shape(), eps)?;
+    let (value, gamma_value, beta_value) = (x.value(), gamma.value(), beta.value());
+    let dims = check_training_inputs(value.shape(), gamma_value.shape(), beta_value.shape(), eps)?;
     let (node, _) = BatchNormNode::training(
-        &row_major(&value.view()),
+        &row_major(&value),
         dims,
-        &to_f64(gamma.value().view()),
-        &to_f64(beta.value().view()),
+        &to_f64(&gamma_value),
+        &to_f64(&beta_value),
         eps,
     );
     Ok(x.tape().apply(node, &[x, gamma, beta])?)
