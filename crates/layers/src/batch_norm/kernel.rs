@@ -13,6 +13,11 @@
 //! order. So the result is bit-identical on 1 thread or many, and rayon is used only above
 //! [`PARALLEL_MIN_ELEMENTS`]. Few blocks keep the partials small (each is `C` values) even
 //! when `C` is large; inside a block, statistics go through long pieces of rows.
+//!
+//! `(N, C, S)` data with long lanes (feature maps with lanes of 4 KiB or more, 8 channels or
+//! more) goes channel by channel instead ([`by_channel`]): each channel's values are read a
+//! second time right after the first, from cache where they fit. Each channel is one worker's,
+//! so the results are just as independent of the thread count.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -20,6 +25,8 @@ use std::ops::Range;
 use multiversion::multiversion;
 use rayon::prelude::*;
 use tape::Element;
+
+pub mod by_channel;
 
 /// Below this many elements everything runs on the calling thread (threads cost more than
 /// they save on small inputs).
@@ -387,23 +394,30 @@ impl Stats {
     pub fn inv_std(&self, eps: f64) -> Vec<f64> {
         let mut inv_std = inv_std(&self.var, eps);
         for &(channel, scale, var_scaled) in &self.overflowed {
-            inv_std[channel] = 1.0 / (scale * (var_scaled + eps / scale / scale).sqrt());
+            inv_std[channel] = scaled_inv_std(scale, var_scaled, eps);
         }
         inv_std
     }
 }
 
+/// `1 / sqrt(var + eps)` of a variance that overflowed, from `var / scale²`.
+fn scaled_inv_std(scale: f64, var_scaled: f64, eps: f64) -> f64 {
+    1.0 / (scale * (var_scaled + eps / scale / scale).sqrt())
+}
+
 /// `1 / sqrt(var + eps)`, and 0 where `var + eps == 0` (see [`Stats::inv_std`]).
 pub fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
-    var.iter()
-        .map(|&v| {
-            if v + eps == 0.0 {
-                0.0
-            } else {
-                1.0 / (v + eps).sqrt()
-            }
-        })
-        .collect()
+    var.iter().map(|&v| channel_inv_std(v, eps)).collect()
+}
+
+/// [`inv_std`] of one channel.
+#[inline(always)]
+fn channel_inv_std(var: f64, eps: f64) -> f64 {
+    if var + eps == 0.0 {
+        0.0
+    } else {
+        1.0 / (var + eps).sqrt()
+    }
 }
 
 /// Per-channel mean and biased variance of `x`, in `f64`, reading `x` once.
@@ -541,22 +555,47 @@ fn rescue_overflow<T: Element>(x: &[T], dims: Dims, stats: &mut Stats) {
     if finite(&stats.mean) & finite(&stats.var) {
         return;
     }
-    let m = dims.per_channel() as f64;
     for channel in 0..dims.c {
         if stats.mean[channel].is_finite() && stats.var[channel].is_finite() {
             continue;
         }
-        let values = || channel_values(x, dims, channel);
-        let scale = values().fold(0.0f64, |a, v| a.max(v.abs()));
-        if scale == 0.0 || !scale.is_finite() {
-            continue;
+        if let Some(rescued) = rescue_channel(x, dims, channel) {
+            stats.mean[channel] = rescued.mean;
+            stats.var[channel] = rescued.var;
+            stats
+                .overflowed
+                .push((channel, rescued.scale, rescued.var_scaled));
         }
-        let mean = scale * values().map(|v| v / scale).sum::<f64>() / m;
-        let var_scaled = values().map(|v| ((v - mean) / scale).powi(2)).sum::<f64>() / m;
-        stats.mean[channel] = mean;
-        stats.var[channel] = var_scaled * scale * scale; // may still be inf
-        stats.overflowed.push((channel, scale, var_scaled));
     }
+}
+
+/// A channel's statistics recomputed with its values scaled by its largest magnitude (see
+/// [`rescue_overflow`]); `None` where that cannot help (all zero, or not finite).
+#[cold]
+fn rescue_channel<T: Element>(x: &[T], dims: Dims, channel: usize) -> Option<Rescued> {
+    let m = dims.per_channel() as f64;
+    let values = || channel_values(x, dims, channel);
+    let scale = values().fold(0.0f64, |a, v| a.max(v.abs()));
+    if scale == 0.0 || !scale.is_finite() {
+        return None;
+    }
+    let mean = scale * values().map(|v| v / scale).sum::<f64>() / m;
+    let var_scaled = values().map(|v| ((v - mean) / scale).powi(2)).sum::<f64>() / m;
+    Some(Rescued {
+        mean,
+        var: var_scaled * scale * scale, // may still be inf
+        scale,
+        var_scaled,
+    })
+}
+
+/// What [`rescue_channel`] found: mean and variance, and the scale the variance was computed
+/// at (`var = var_scaled · scale²`).
+struct Rescued {
+    mean: f64,
+    var: f64,
+    scale: f64,
+    var_scaled: f64,
 }
 
 /// The values of one channel, row by row: its lane of `S` values in each row (only those are
@@ -691,23 +730,34 @@ fn collect_blocks<T: Element>(
     dims: Dims,
     fill: impl Fn(Range<usize>, &mut [MaybeUninit<T>]) + Sync + Send,
 ) -> Vec<T> {
-    let len = dims.len();
-    let mut out = Vec::with_capacity(len);
     let block = dims.block_rows() * dims.row();
-    if block > 0 {
+    written(dims.len(), |spare| {
+        if block == 0 {
+            return;
+        }
         let work = |(i, part): (usize, &mut [MaybeUninit<T>])| fill(i * block..i * block + part.len(), part);
-        let spare = &mut out.spare_capacity_mut()[..len];
         if dims.parallel() {
             spare.par_chunks_mut(block).enumerate().for_each(work);
         } else {
             spare.chunks_mut(block).enumerate().for_each(work);
         }
-    }
-    // SAFETY: the capacity is at least `len`, and `fill` wrote each of the first `len` elements:
-    // the blocks cover them, and every worker writes its whole block (`normalize_block` and
-    // `input_grad_block` write each element of each whole row they are given; blocks are whole
-    // rows, `block_rows() · row()` elements, the last one fewer rows). Tested against a direct
-    // computation on shapes with ragged last blocks and in parallel.
+    })
+}
+
+/// A new `Vec` of `len` elements, each written by `write` (which gets them uninitialised and
+/// must write every one: its callers, [`collect_blocks`] and the channel-major passes of
+/// [`by_channel`], do).
+#[inline(always)]
+fn written<T>(len: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    write(&mut out.spare_capacity_mut()[..len]);
+    // SAFETY: the capacity is at least `len`, and `write` wrote each of the first `len`
+    // elements. For `collect_blocks`: the blocks cover them, and every worker writes its whole
+    // block (`normalize_block` and `input_grad_block` write each element of each whole row they
+    // are given; blocks are whole rows, `block_rows() · row()` elements, the last one fewer
+    // rows). For `by_channel`: every lane of every row goes to exactly one channel, whose worker
+    // writes each element of each of its lanes. Tested against a direct computation on shapes
+    // with ragged last blocks, and in parallel.
     #[allow(unsafe_code)]
     unsafe {
         out.set_len(len);
@@ -793,6 +843,30 @@ fn block_grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, mean: &[f64]) ->
         }
     }
     (sum_dout, sum_dout_xmu)
+}
+
+/// One channel's coefficients `[grad_scale, xmu_scale, offset]` of [`input_grad`], from its
+/// `gamma`, `inv_std`, `sum(dout)`, `dgamma = sum(dout · x̂)` and `m` values; `batch_stats` says
+/// whether mean and `inv_std` are the batch's own (training) or constants (evaluation).
+///
+/// `dx = a · (dout - mean(dout) - x̂ · mean(dout · x̂))` with `a = gamma · inv_std` and
+/// `x̂ = (x - mean) · inv_std`: `grad_scale = a`, `xmu_scale = -a · inv_std · dgamma / m`,
+/// `offset = -a · sum(dout) / m`; in evaluation mode the last two are 0.
+#[inline(always)]
+pub fn input_grad_coefficients(
+    gamma: f64,
+    inv_std: f64,
+    sum_dout: f64,
+    dgamma: f64,
+    m: f64,
+    batch_stats: bool,
+) -> [f64; 3] {
+    let a = gamma * inv_std;
+    if batch_stats {
+        [a, -a * inv_std * (dgamma / m), -a * (sum_dout / m)]
+    } else {
+        [a, 0.0, 0.0]
+    }
 }
 
 /// The input gradient, one pass writing `dx`, an affine map of `dout` and `x - mean` per

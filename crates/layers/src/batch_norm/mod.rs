@@ -172,6 +172,9 @@ pub(crate) fn normalize_batch<T: Element>(
     eps: f64,
 ) -> (kernel::Stats, Vec<f64>, Vec<T>) {
     kernel::on_pool(dims, || {
+        if kernel::by_channel::applies::<T>(dims) {
+            return kernel::by_channel::normalize_batch(x, dims, gamma, beta, eps);
+        }
         let stats = kernel::stats(x, dims);
         let inv_std = stats.inv_std(eps);
         let out = normalize(x, dims, gamma, beta, &stats.mean, &inv_std);
@@ -195,6 +198,10 @@ pub(crate) fn gradients<T: Element>(
 ) -> (Option<Vec<T>>, Vec<f64>, Vec<f64>) {
     // The two passes as one job on the thread pool (see `kernel::on_pool`).
     kernel::on_pool(dims, || {
+        if kernel::by_channel::applies::<T>(dims) {
+            let args = (gamma, mean, inv_std);
+            return kernel::by_channel::gradients(dout, x, dims, args, batch_stats, want_dx);
+        }
         let (sum_dout, mut dgamma) = kernel::grad_sums(dout, x, dims, mean);
         for (s, r) in dgamma.iter_mut().zip(inv_std) {
             *s *= r; // sum(dout · (x - μ)) · r = sum(dout · x̂)
@@ -205,15 +212,16 @@ pub(crate) fn gradients<T: Element>(
             let mut coefficients = vec![0.0; 3 * c];
             let (grad_scale, rest) = coefficients.split_at_mut(c);
             let (xmu_scale, offset) = rest.split_at_mut(c);
-            for ((a, g), r) in grad_scale.iter_mut().zip(gamma).zip(inv_std) {
-                *a = g * r;
-            }
-            if batch_stats {
-                // dx = a·(g - mean(g) - x̂·mean(g·x̂)), a = γr, x̂ = (x - μ)r, mean(g·x̂) = dgamma / M.
-                for c in 0..c {
-                    xmu_scale[c] = -grad_scale[c] * inv_std[c] * (dgamma[c] / m);
-                    offset[c] = -grad_scale[c] * (sum_dout[c] / m);
-                }
+            for c in 0..c {
+                let k = kernel::input_grad_coefficients(
+                    gamma[c],
+                    inv_std[c],
+                    sum_dout[c],
+                    dgamma[c],
+                    m,
+                    batch_stats,
+                );
+                [grad_scale[c], xmu_scale[c], offset[c]] = k;
             }
             kernel::input_grad(dout, x, dims, mean, grad_scale, xmu_scale, offset)
         });
