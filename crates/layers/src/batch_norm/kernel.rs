@@ -645,14 +645,15 @@ impl<T: Element> SplitAffine<T> {
         let mut coefficients = vec![T::zero(); 4 * c];
         let [mean_hi, mean_lo, scale_t, shift_t] = Self::split(&mut coefficients, c);
         // Rounds `values` into `rounded`; false where a finite value became infinite (a
-        // non-finite one stays as it is: f64 evaluation would not help it). A fold, not `all`:
-        // no early exit, so the check vectorises.
+        // non-finite one stays as it is: f64 evaluation would not help it). The check rides in
+        // the rounding loop, with no early exit, so the loop vectorises.
         let round = |values: &[f64], rounded: &mut [T]| {
+            let mut fits = true;
             for (r, &v) in rounded.iter_mut().zip(values) {
                 *r = T::from_f64_lossy(v);
+                fits &= r.is_finite() | !v.is_finite();
             }
-            let both = values.iter().zip(&*rounded);
-            both.fold(true, |fits, (v, r)| fits & (r.is_finite() | !v.is_finite()))
+            fits
         };
         // `&`, not `&&`: all three are rounded either way.
         if !(round(mean, mean_hi) & round(scale, scale_t) & round(shift, shift_t)) {
