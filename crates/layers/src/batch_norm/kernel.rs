@@ -199,26 +199,38 @@ impl Moments {
     /// Merges one channel's piece (for lanes of `(N, C, S)` data).
     #[inline(always)]
     fn merge_channel(&mut self, channel: usize, count: f64, offset: f64, m2: f64, seen: f64) {
-        let total = seen + count;
-        let delta = offset - self.offset[channel];
-        self.offset[channel] += delta * (count / total);
-        self.m2[channel] += m2 + delta * delta * (seen * count / total);
+        let (o, m) = (&mut self.offset[channel], &mut self.m2[channel]);
+        chan_update((o, m), (offset, m2), chan_weights(seen, count));
     }
+}
+
+/// The weights of [`chan_update`] for a piece of `count` values merged into running moments
+/// over `seen` values: `count / total` and `seen · count / total`.
+#[inline(always)]
+fn chan_weights(seen: f64, count: f64) -> (f64, f64) {
+    let total = seen + count;
+    (count / total, seen * count / total)
+}
+
+/// Chan et al.'s pairwise update of one running mean offset `o` and sum of squared deviations
+/// `m` by a piece's own, `(offset, m2)`, with the piece's [`chan_weights`].
+#[inline(always)]
+fn chan_update((o, m): (&mut f64, &mut f64), (offset, m2): (f64, f64), (weight, spread): (f64, f64)) {
+    let delta = offset - *o;
+    *o += delta * weight;
+    *m += m2 + delta * delta * spread;
 }
 
 /// Chan et al.'s pairwise update: merges a piece of `count` values per channel, with mean
 /// offsets `offset` and sums of squared deviations `m2`, into running ones over `seen` values.
 #[inline(always)]
 fn chan_merge(seen: f64, count: f64, acc_offset: &mut [f64], acc_m2: &mut [f64], offset: &[f64], m2: &[f64]) {
-    let total = seen + count;
-    if total == 0.0 {
+    if seen + count == 0.0 {
         return;
     }
-    let (weight, spread) = (count / total, seen * count / total);
+    let weights = chan_weights(seen, count);
     for (((o, m), &po), &pm) in acc_offset.iter_mut().zip(acc_m2.iter_mut()).zip(offset).zip(m2) {
-        let delta = po - *o;
-        *o += delta * weight;
-        *m += pm + delta * delta * spread;
+        chan_update((o, m), (po, pm), weights);
     }
 }
 
@@ -321,6 +333,26 @@ fn lane_sum2<A: Copy, B: Copy>(a: &[A], b: &[B], term: impl Fn(A, B) -> f64) -> 
         *s += term(u, v);
     }
     acc.iter().sum()
+}
+
+/// A lane's mean offset from `x0` and its sum of squared deviations from that mean: two passes
+/// over a short contiguous lane (the second from L1), an exact two-pass result.
+#[inline(always)]
+fn lane_moments<T: Element>(lane: &[T], x0: f64) -> (f64, f64) {
+    let offset = lane_sum(lane, |v| v.as_f64() - x0) / lane.len() as f64;
+    let m2 = lane_sum(lane, |v| {
+        let d = (v.as_f64() - x0) - offset;
+        d * d
+    });
+    (offset, m2)
+}
+
+/// A lane's `sum(dout)` and `sum(dout · (x - mean))`, from its `dout` values `g` and its `x`
+/// values `v`.
+#[inline(always)]
+fn lane_grad_sums<T: Element>(g: &[T], v: &[T], mean: f64) -> (f64, f64) {
+    let sum_dout = lane_sum(g, |g| g.as_f64());
+    (sum_dout, lane_sum2(g, v, |g, v| g.as_f64() * (v.as_f64() - mean)))
 }
 
 /// A piece's mean and sum of squared deviations from its `count` values' sums `s1` of `d` and
@@ -530,14 +562,9 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
         for (row_index, row) in data.chunks_exact(dims.row()).enumerate() {
             let seen = (row_index * dims.s) as f64;
             for (channel, (lane, &z)) in row.chunks_exact(dims.s).zip(x0).enumerate() {
-                // A lane is contiguous and small (the second pass reads it from L1): an exact
-                // two-pass result. (One pass was no faster: `32 x 64 x 56 x 56` f32 is bound by
-                // memory either way.)
-                let offset = lane_sum(lane, |v| v.as_f64() - z) / count;
-                let m2 = lane_sum(lane, |v| {
-                    let d = (v.as_f64() - z) - offset;
-                    d * d
-                });
+                // (One pass per lane was no faster: `32 x 64 x 56 x 56` f32 is bound by memory
+                // either way.)
+                let (offset, m2) = lane_moments(lane, z);
                 moments.merge_channel(channel, count, offset, m2, seen);
             }
         }
@@ -616,15 +643,28 @@ fn channel_values<T: Element>(x: &[T], dims: Dims, channel: usize) -> impl Itera
 /// inputs, so the split cannot change a result.
 pub fn normalize<T: Element>(x: &[T], dims: Dims, mean: &[f64], scale: &[f64], shift: &[f64]) -> Vec<T> {
     if let Some(k) = SplitAffine::<T>::new(mean, scale, shift) {
-        let map = |v: T, hi: T, lo: T, a: T, b: T| ((v - hi) - lo) * a + b;
+        let map = split_affine_value::<T>;
         collect_blocks(dims, |range, out| {
             normalize_block(&x[range], out, dims, k.parts(), map)
         })
     } else {
         let k = [mean, mean, scale, shift];
-        let map = |v: T, mu: f64, _: f64, a: f64, b: f64| T::from_f64_lossy((v.as_f64() - mu) * a + b);
+        let map = |v: T, mu: f64, _: f64, a: f64, b: f64| affine_value(v, mu, a, b);
         collect_blocks(dims, |range, out| normalize_block(&x[range], out, dims, k, map))
     }
+}
+
+/// One output value in `T`'s arithmetic from [`SplitAffine`]'s coefficients:
+/// `((x - mean_hi) - mean_lo) · scale + shift`.
+#[inline(always)]
+fn split_affine_value<T: Element>(v: T, mean_hi: T, mean_lo: T, scale: T, shift: T) -> T {
+    ((v - mean_hi) - mean_lo) * scale + shift
+}
+
+/// One output value evaluated in f64 and rounded once: `(x - mean) · scale + shift`.
+#[inline(always)]
+fn affine_value<T: Element>(v: T, mean: f64, scale: f64, shift: f64) -> T {
+    T::from_f64_lossy((v.as_f64() - mean) * scale + shift)
 }
 
 /// The per-channel coefficients of [`normalize`] rounded to `T`, for evaluating it in `T`'s
@@ -738,7 +778,7 @@ fn collect_blocks<T: Element>(
     fill: impl Fn(Range<usize>, &mut [MaybeUninit<T>]) + Sync + Send,
 ) -> Vec<T> {
     let block = dims.block_rows() * dims.row();
-    written(dims.len(), |spare| {
+    let (out, ()) = written(dims.len(), |spare| {
         if block == 0 {
             return;
         }
@@ -748,16 +788,17 @@ fn collect_blocks<T: Element>(
         } else {
             spare.chunks_mut(block).enumerate().for_each(work);
         }
-    })
+    });
+    out
 }
 
 /// A new `Vec` of `len` elements, each written by `write` (which gets them uninitialised and
 /// must write every one: its callers, [`collect_blocks`] and the channel-major passes of
-/// [`by_channel`], do).
+/// [`by_channel`], do); and what `write` returned.
 #[inline(always)]
-fn written<T>(len: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+fn written<T, R>(len: usize, write: impl FnOnce(&mut [MaybeUninit<T>]) -> R) -> (Vec<T>, R) {
     let mut out = Vec::with_capacity(len);
-    write(&mut out.spare_capacity_mut()[..len]);
+    let result = write(&mut out.spare_capacity_mut()[..len]);
     // SAFETY: the capacity is at least `len`, and `write` wrote each of the first `len`
     // elements. For `collect_blocks`: the blocks cover them, and every worker writes its whole
     // block (`normalize_block` and `input_grad_block` write each element of each whole row they
@@ -769,7 +810,7 @@ fn written<T>(len: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     unsafe {
         out.set_len(len);
     }
-    out
+    (out, result)
 }
 
 /// The two per-channel sums backward needs, in one pass reading `dout` and `x`:
@@ -844,12 +885,20 @@ fn block_grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, mean: &[f64]) ->
             let lanes = g_row.chunks_exact(dims.s).zip(x_row.chunks_exact(dims.s));
             let sums = sum_dout.iter_mut().zip(sum_dout_xmu.iter_mut()).zip(mean);
             for ((g, v), ((sg, sgx), &mu)) in lanes.zip(sums) {
-                *sg += lane_sum(g, |g| g.as_f64());
-                *sgx += lane_sum2(g, v, |g, v| g.as_f64() * (v.as_f64() - mu));
+                let (lane_dout, lane_dout_xmu) = lane_grad_sums(g, v, mu);
+                *sg += lane_dout;
+                *sgx += lane_dout_xmu;
             }
         }
     }
     (sum_dout, sum_dout_xmu)
+}
+
+/// One value of [`input_grad`]: `a · dout + b · (x - mean) + d` from its channel's
+/// coefficients `[a, b, d]`, evaluated in f64 and rounded once.
+#[inline(always)]
+fn input_grad_value<T: Element>(g: T, v: T, mean: f64, [a, b, d]: [f64; 3]) -> T {
+    T::from_f64_lossy(a * g.as_f64() + b * (v.as_f64() - mean) + d)
 }
 
 /// One channel's coefficients `[grad_scale, xmu_scale, offset]` of [`input_grad`], from its
@@ -906,9 +955,8 @@ pub fn input_grad<T: Element>(
 /// f32 the rounding of each term would be an error of the order of the terms, not of `dx`.
 #[multiversion(targets("x86_64+avx2+fma"))]
 fn input_grad_block<T: Element>(dout: &[T], x: &[T], out: &mut [MaybeUninit<T>], dims: Dims, k: [&[f64]; 4]) {
-    let map = |g: T, v: T, mu: f64, a: f64, b: f64, d: f64| {
-        MaybeUninit::new(T::from_f64_lossy(a * g.as_f64() + b * (v.as_f64() - mu) + d))
-    };
+    let map =
+        |g: T, v: T, mu: f64, a: f64, b: f64, d: f64| MaybeUninit::new(input_grad_value(g, v, mu, [a, b, d]));
     let [mean, grad_scale, xmu_scale, offset] = k;
     if dims.s == 1 {
         // Slices cut to one width: the index loop carries no bounds checks and vectorises.
