@@ -347,12 +347,31 @@ fn lane_moments<T: Element>(lane: &[T], x0: f64) -> (f64, f64) {
     (offset, m2)
 }
 
-/// A lane's `sum(dout)` and `sum(dout · (x - mean))`, from its `dout` values `g` and its `x`
-/// values `v`.
+/// A lane's `[sum(dout), sum(dout · d), sum(d)]` with `d = x - shift` (see [`grad_sums`]), from
+/// its `dout` values `g` and its `x` values `v`.
 #[inline(always)]
-fn lane_grad_sums<T: Element>(g: &[T], v: &[T], mean: f64) -> (f64, f64) {
-    let sum_dout = lane_sum(g, |g| g.as_f64());
-    (sum_dout, lane_sum2(g, v, |g, v| g.as_f64() * (v.as_f64() - mean)))
+fn lane_grad_sums<T: Element>(g: &[T], v: &[T], shift: f64) -> [f64; 3] {
+    [
+        lane_sum(g, |g| g.as_f64()),
+        lane_sum2(g, v, |g, v| g.as_f64() * (v.as_f64() - shift)),
+        if narrower_than_f64::<T>() {
+            lane_sum(v, |v| v.as_f64() - shift)
+        } else {
+            0.0
+        },
+    ]
+}
+
+/// Whether backward must recover the batch mean's digits from `x` (see [`centre`]): in training
+/// (`batch_stats`) on data narrower than f64, whose node keeps its mean rounded to `T`.
+pub const fn recentres<T>(batch_stats: bool) -> bool {
+    batch_stats && narrower_than_f64::<T>()
+}
+
+/// Whether `T` is narrower than f64 (f32): a value the kernels keep in `T` is then rounded. A
+/// constant for each `T`, so the branches on it compile away.
+const fn narrower_than_f64<T>() -> bool {
+    std::mem::size_of::<T>() < std::mem::size_of::<f64>()
 }
 
 /// A piece's mean and sum of squared deviations from its `count` values' sums `s1` of `d` and
@@ -684,7 +703,7 @@ impl<T: Element> SplitAffine<T> {
     /// without rounding or splitting coefficients (`64x64` f64: 2 000 instructions a pass, and
     /// a subtraction per value, fewer).
     fn new(mean: &[f64], scale: &[f64], shift: &[f64]) -> Option<Self> {
-        if std::mem::size_of::<T>() >= std::mem::size_of::<f64>() {
+        if !narrower_than_f64::<T>() {
             return None;
         }
         let c = mean.len();
@@ -813,39 +832,108 @@ fn written<T, R>(len: usize, write: impl FnOnce(&mut [MaybeUninit<T>]) -> R) -> 
     (out, result)
 }
 
-/// The two per-channel sums backward needs, in one pass reading `dout` and `x`:
-/// `sum(dout)` and `sum(dout · (x - mean))`.
-pub fn grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, mean: &[f64]) -> (Vec<f64>, Vec<f64>) {
-    let c = dims.c;
+/// The per-channel sums backward needs, from one pass reading `dout` and `x`, with `d = x - shift`:
+/// `sum(dout)`, `sum(dout · d)` and `sum(d)`. The last centres the others on the batch mean when
+/// `shift` is that mean rounded to `T` (see [`GradSums::centred`]); for f64 data, whose mean is
+/// kept exactly, it would be a correction of 0 up to rounding, and is left at 0 (the pass then
+/// costs what it did before the node kept its mean in `T`).
+pub fn grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, shift: &[f64]) -> GradSums {
     // The first block's sums are the running total (adding them to zeros would copy them, up to
     // the sign of a zero).
     let sums = per_block(
         dims,
-        |range| block_grad_sums(&dout[range.clone()], &x[range], dims, mean),
-        |(sum_dout, sum_dout_xmu), (block_dout, block_dout_xmu)| {
-            for ch in 0..c {
-                sum_dout[ch] += block_dout[ch];
-                sum_dout_xmu[ch] += block_dout_xmu[ch];
+        |range| block_grad_sums(&dout[range.clone()], &x[range], dims, shift),
+        |total, block| {
+            for (t, b) in total.0.iter_mut().zip(&block.0) {
+                *t += b;
             }
         },
     );
-    let (sum_dout, sum_dout_xmu) = sums.unwrap_or_else(|| (vec![0.0; c], vec![0.0; c]));
-    (sum_dout, sum_dout_xmu)
+    sums.unwrap_or_else(|| GradSums::zeros(dims.c))
 }
 
-/// `sum(dout)` and `sum(dout · (x - mean))` per channel over one block.
+/// [`grad_sums`]' three per-channel vectors in one allocation: `[sum(dout) | sum(dout · d) |
+/// sum(d)]`, with `d = x - shift`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradSums(Vec<f64>);
+
+impl GradSums {
+    fn zeros(c: usize) -> Self {
+        GradSums(vec![0.0; 3 * c])
+    }
+
+    /// `(sum(dout), sum(dout · d), sum(d))`.
+    pub fn parts(&self) -> (&[f64], &[f64], &[f64]) {
+        let c = self.0.len() / 3;
+        let (sum_dout, rest) = self.0.split_at(c);
+        let (sum_dout_d, sum_d) = rest.split_at(c);
+        (sum_dout, sum_dout_d, sum_d)
+    }
+
+    fn parts_mut(&mut self) -> (&mut [f64], &mut [f64], &mut [f64]) {
+        let c = self.0.len() / 3;
+        let (sum_dout, rest) = self.0.split_at_mut(c);
+        let (sum_dout_d, sum_d) = rest.split_at_mut(c);
+        (sum_dout, sum_dout_d, sum_d)
+    }
+
+    /// `(sum(dout), sum(dout · (x - mean)), mean)` per channel. With `recentre` (training on data
+    /// narrower than f64, see [`recentres`]) `mean` is the batch mean, recovered with [`centre`]
+    /// from `shift` and these sums over `m` values per channel; otherwise it is `shift` itself.
+    pub fn centred(self, shift: &[f64], m: f64, recentre: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let c = shift.len();
+        let GradSums(mut sum_dout) = self;
+        let mut mean = sum_dout.split_off(2 * c);
+        let mut sum_dout_xmu = sum_dout.split_off(c);
+        if recentre {
+            // Slices cut to one width: the loop carries no bounds checks and vectorises.
+            let (sum_dout, sum_dout_xmu, mean, shift) = (
+                &sum_dout[..c],
+                &mut sum_dout_xmu[..c],
+                &mut mean[..c],
+                &shift[..c],
+            );
+            for ch in 0..c {
+                (mean[ch], sum_dout_xmu[ch]) = centre(shift[ch], sum_dout[ch], sum_dout_xmu[ch], mean[ch], m);
+            }
+        } else {
+            mean.copy_from_slice(shift);
+        }
+        (sum_dout, sum_dout_xmu, mean)
+    }
+}
+
+/// One channel's batch mean and `sum(dout · (x - mean))`, from the sums of [`grad_sums`] taken
+/// relative to `shift`: `mean = shift + offset` with `offset = sum(d) / m`, and `sum(dout · (x -
+/// mean)) = sum(dout · d) - offset · sum(dout)`.
+///
+/// This is how backward gets the mean without the node keeping it in f64: the node keeps it
+/// rounded to `T` as `shift` (half the bytes for f32), and this sum, one addition per value in the
+/// pass backward makes anyway, restores the digits the rounding lost. The subtraction cancels
+/// only as far as `shift` is from the mean in standard deviations: for f32 data the rounding
+/// moves it by at most half an f32 ulp of the mean, for f64 data not at all (to rounding).
+/// A `sum(d)` that overflowed (f64 data near 1e308) leaves `shift` as the mean.
+#[inline(always)]
+pub fn centre(shift: f64, sum_dout: f64, sum_dout_d: f64, sum_d: f64, m: f64) -> (f64, f64) {
+    let offset = sum_d / m;
+    let offset = if offset.is_finite() { offset } else { 0.0 };
+    (shift + offset, sum_dout_d - offset * sum_dout)
+}
+
+/// [`grad_sums`] over one block.
 #[multiversion(targets("x86_64+avx2+fma"))]
-fn block_grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, mean: &[f64]) -> (Vec<f64>, Vec<f64>) {
+fn block_grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, shift: &[f64]) -> GradSums {
     let c = dims.c;
-    let mut sum_dout = vec![0.0; c];
-    let mut sum_dout_xmu = vec![0.0; c];
+    let mut sums = GradSums::zeros(c);
+    let (sum_dout, sum_dout_d, sum_d) = sums.parts_mut();
     if dims.s == 1 {
         for tile in channel_tiles(c) {
             // Slices cut to one width: the index loops carry no bounds checks and vectorise.
             let w = tile.len();
             let sum_dout = &mut sum_dout[tile.clone()][..w];
-            let sum_dout_xmu = &mut sum_dout_xmu[tile.clone()][..w];
-            let mean = &mean[tile.clone()][..w];
+            let sum_dout_d = &mut sum_dout_d[tile.clone()][..w];
+            let sum_d = &mut sum_d[tile.clone()][..w];
+            let shift = &shift[tile.clone()][..w];
             // Four rows at a time: a quarter of the loads and stores of the sums.
             let (g_steps, g_left) = quarter_steps(dout, c);
             let (x_steps, x_left) = quarter_steps(x, c);
@@ -864,34 +952,45 @@ fn block_grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, mean: &[f64]) ->
                     &v3[t][..w],
                 );
                 for j in 0..w {
-                    let mu = mean[j];
                     let (a, b, d, e) = (g0[j].as_f64(), g1[j].as_f64(), g2[j].as_f64(), g3[j].as_f64());
+                    let u = shift[j];
+                    let (d0, d1, d2, d3) = (
+                        v0[j].as_f64() - u,
+                        v1[j].as_f64() - u,
+                        v2[j].as_f64() - u,
+                        v3[j].as_f64() - u,
+                    );
                     sum_dout[j] += (a + b) + (d + e);
-                    sum_dout_xmu[j] += (a * (v0[j].as_f64() - mu) + b * (v1[j].as_f64() - mu))
-                        + (d * (v2[j].as_f64() - mu) + e * (v3[j].as_f64() - mu));
+                    sum_dout_d[j] += (a * d0 + b * d1) + (d * d2 + e * d3);
+                    if narrower_than_f64::<T>() {
+                        sum_d[j] += (d0 + d1) + (d2 + d3);
+                    }
                 }
             }
             for (g_row, x_row) in g_left.chunks_exact(c).zip(x_left.chunks_exact(c)) {
                 let (g, v) = (&g_row[tile.clone()][..w], &x_row[tile.clone()][..w]);
                 for j in 0..w {
-                    let gj = g[j].as_f64();
+                    let (gj, dj) = (g[j].as_f64(), v[j].as_f64() - shift[j]);
                     sum_dout[j] += gj;
-                    sum_dout_xmu[j] += gj * (v[j].as_f64() - mean[j]);
+                    sum_dout_d[j] += gj * dj;
+                    if narrower_than_f64::<T>() {
+                        sum_d[j] += dj;
+                    }
                 }
             }
         }
     } else {
         for (g_row, x_row) in dout.chunks_exact(dims.row()).zip(x.chunks_exact(dims.row())) {
             let lanes = g_row.chunks_exact(dims.s).zip(x_row.chunks_exact(dims.s));
-            let sums = sum_dout.iter_mut().zip(sum_dout_xmu.iter_mut()).zip(mean);
-            for ((g, v), ((sg, sgx), &mu)) in lanes.zip(sums) {
-                let (lane_dout, lane_dout_xmu) = lane_grad_sums(g, v, mu);
-                *sg += lane_dout;
-                *sgx += lane_dout_xmu;
+            for (ch, (g, v)) in lanes.enumerate() {
+                let [lane_dout, lane_dout_d, lane_d] = lane_grad_sums(g, v, shift[ch]);
+                sum_dout[ch] += lane_dout;
+                sum_dout_d[ch] += lane_dout_d;
+                sum_d[ch] += lane_d;
             }
         }
     }
-    (sum_dout, sum_dout_xmu)
+    sums
 }
 
 /// One value of [`input_grad`]: `a · dout + b · (x - mean) + d` from its channel's

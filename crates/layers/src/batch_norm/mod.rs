@@ -45,7 +45,13 @@
 //!
 //! Two per-channel sums, `Σ g` (which is `∂L/∂β`) and `Σ g (x - μ)` (which is `∂L/∂γ / r`),
 //! read `g` and `x` once; a second pass writes `∂L/∂x`. Backward keeps only `x` (which a tape
-//! holds anyway), `μ` and `r`: nothing of the input's size is saved for it.
+//! holds anyway), `μ` and `r`: nothing of the input's size is saved for it. The fused node keeps
+//! `μ` rounded to the data's type, `μ_T` (for f32, 4 bytes a channel instead of 8), and the first
+//! pass also sums `d = x - μ_T`, which gives back the digits the rounding lost:
+//!
+//! ```text
+//! μ = μ_T + Σ d / M,    Σ g (x - μ) = Σ g d - (Σ d / M) Σ g
+//! ```
 //! `dx` sums to zero over each channel, since `Σ x̂ = 0`.
 //!
 //! # Evaluation mode
@@ -185,6 +191,10 @@ pub(crate) fn normalize_batch<T: Element>(
 /// Gradients `(dx, dgamma, dbeta)` of a normalization; `batch_stats` says whether `mean` and
 /// `inv_std` were computed from `x` (training) or are constants (evaluation). `dx` is skipped
 /// (`None`) when not `want_dx`.
+///
+/// In training `mean` need only be close to the batch mean (the fused node keeps it rounded to
+/// `T`): the pass summing `dout` and `dout · (x - mean)` also sums `x - mean`, which recovers the
+/// batch mean's lost digits (see [`kernel::centre`]).
 #[allow(clippy::too_many_arguments)] // the kernel's inputs, named; a struct would only rename them
 pub(crate) fn gradients<T: Element>(
     dout: &[T],
@@ -202,12 +212,14 @@ pub(crate) fn gradients<T: Element>(
             let args = (gamma, mean, inv_std);
             return kernel::by_channel::gradients(dout, x, dims, args, batch_stats, want_dx);
         }
-        let (sum_dout, mut dgamma) = kernel::grad_sums(dout, x, dims, mean);
+        let m = dims.per_channel() as f64;
+        let sums = kernel::grad_sums(dout, x, dims, mean);
+        let (sum_dout, mut dgamma, mean) = sums.centred(mean, m, kernel::recentres::<T>(batch_stats));
         for (s, r) in dgamma.iter_mut().zip(inv_std) {
             *s *= r; // sum(dout · (x - μ)) · r = sum(dout · x̂)
         }
         let dx = want_dx.then(|| {
-            let (c, m) = (dims.c, dims.per_channel() as f64);
+            let c = dims.c;
             // The three per-channel coefficients of `dx`, in one allocation.
             let mut coefficients = vec![0.0; 3 * c];
             let (grad_scale, rest) = coefficients.split_at_mut(c);
@@ -223,7 +235,7 @@ pub(crate) fn gradients<T: Element>(
                 );
                 [grad_scale[c], xmu_scale[c], offset[c]] = k;
             }
-            kernel::input_grad(dout, x, dims, mean, grad_scale, xmu_scale, offset)
+            kernel::input_grad(dout, x, dims, &mean, grad_scale, xmu_scale, offset)
         });
         (dx, dgamma, sum_dout)
     })

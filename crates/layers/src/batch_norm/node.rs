@@ -13,14 +13,17 @@ use super::{
 use crate::error::{Error, Result};
 
 /// The fused BatchNorm node: inputs `x`, `gamma`, `beta`; saved state only the per-channel mean
-/// and inverse standard deviation (`2 × C` values of `f64`).
+/// (`C` values of `T`) and inverse standard deviation (`C` values of `f64`).
 ///
 /// Made by [`batch_norm`] (batch statistics, training mode) or by the
 /// [`BatchNorm`](crate::BatchNorm) layer (which also makes evaluation-mode nodes from its running
 /// statistics). Implemented with the tape's public custom-op API, [`tape::Function`].
 #[derive(Debug, Clone)]
 pub struct BatchNormNode<T> {
-    mean: Vec<f64>,
+    /// The mean `x` is normalized with, rounded to `T` (exact for a running mean, which is a
+    /// `T`). Backward recovers the digits a batch mean lost from `x` itself, in a sum its pass
+    /// makes anyway (see `gradients`): for f32 this halves the mean's bytes.
+    mean: Vec<T>,
     inv_std: Vec<f64>,
     /// True when `mean` and `inv_std` are the batch's own statistics (so `x` reaches the output
     /// through them too), false for evaluation with running statistics.
@@ -33,7 +36,7 @@ pub struct BatchNormNode<T> {
 impl<T: Element> BatchNormNode<T> {
     /// A node normalizing with the given per-channel statistics. `batch_stats` says whether they
     /// are `x`'s own (training: the backward includes the paths through them) or constants.
-    pub(crate) fn new(mean: Vec<f64>, inv_std: Vec<f64>, batch_stats: bool) -> Self {
+    pub(crate) fn new(mean: Vec<T>, inv_std: Vec<f64>, batch_stats: bool) -> Self {
         BatchNormNode {
             mean,
             inv_std,
@@ -57,16 +60,23 @@ impl<T: Element> BatchNormNode<T> {
         let (stats, inv_std, out) = normalize_batch(x, dims, gamma, beta, eps);
         let node = BatchNormNode {
             output: Some(out),
-            ..Self::new(stats.mean.clone(), inv_std, true)
+            ..Self::new(
+                stats.mean.iter().map(|&m| T::from_f64_lossy(m)).collect(),
+                inv_std,
+                true,
+            )
         };
         (node, stats)
     }
 
     /// An evaluation-mode node: normalizes with running statistics, constants for backward.
     pub(crate) fn from_running(running_mean: &Array1<T>, running_var: &Array1<T>, eps: f64) -> Self {
-        let mean = to_f64(running_mean);
         let inv_std = kernel::inv_std(&to_f64(running_var), eps);
-        Self::new(mean, inv_std, false)
+        Self::new(row_major(running_mean).into_owned(), inv_std, false)
+    }
+
+    fn mean_f64(&self) -> Vec<f64> {
+        self.mean.iter().map(|m| m.as_f64()).collect()
     }
 
     fn check(&self, x: &[usize], gamma: &[usize], beta: &[usize]) -> Result<Dims> {
@@ -115,12 +125,20 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
                     format!("the node's output has {} values, x has {}", out.len(), x.len()),
                 ));
             }
+            // A training node's mean is rounded (backward recovers it from `x`): the output it
+            // was made with is the only one it has.
+            None if self.batch_stats => {
+                return Err(TapeError::op(
+                    "batch_norm",
+                    "this training node's output was already used; make a new node for each call",
+                ));
+            }
             None => normalize(
                 &row_major(x),
                 dims,
                 &to_f64(gamma),
                 &to_f64(beta),
-                &self.mean,
+                &self.mean_f64(),
                 &self.inv_std,
             ),
         };
@@ -137,7 +155,7 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
             &row_major(x),
             dims,
             &to_f64(gamma),
-            &self.mean,
+            &self.mean_f64(),
             &self.inv_std,
             self.batch_stats,
             args.needs_grad[0],
@@ -151,7 +169,7 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
     }
 
     fn saved_bytes(&self) -> usize {
-        (self.mean.len() + self.inv_std.len()) * std::mem::size_of::<f64>()
+        self.mean.len() * std::mem::size_of::<T>() + self.inv_std.len() * std::mem::size_of::<f64>()
     }
 }
 
@@ -298,8 +316,8 @@ mod tests {
         let before = tape.saved_bytes();
         let _ = batch_norm(x, gamma, beta, 1e-5).unwrap();
         let fused = tape.saved_bytes() - before;
-        // The output (which the tape keeps for any node) plus mean and inv_std in f64.
-        assert_eq!(fused, 256 * 16 * 4 + 2 * 16 * 8);
+        // The output (which the tape keeps for any node) plus the mean in f32 and inv_std in f64.
+        assert_eq!(fused, 256 * 16 * 4 + 16 * 4 + 16 * 8);
         let before = tape.saved_bytes();
         let _ = batch_norm_composed(x, gamma, beta, 1e-5).unwrap();
         let composed = tape.saved_bytes() - before;
@@ -366,10 +384,17 @@ mod tests {
         ));
         // Applied directly with the wrong inputs, the node's own check answers.
         let node = BatchNormNode::new(vec![0.0; 3], vec![1.0; 3], true);
-        let error = tape.apply(node, &[x, beta]).unwrap_err();
+        let error = tape.apply(node.clone(), &[x, beta]).unwrap_err();
         assert_eq!(
             error.to_string(),
             "batch_norm: takes 3 inputs (x, gamma, beta), got 2"
+        );
+        // A training node without its output (its mean is rounded to `T`) does not make one up.
+        let gamma = tape.var(array![1.0, 1.0, 1.0]);
+        let error = tape.apply(node, &[x, gamma, beta]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "batch_norm: this training node's output was already used; make a new node for each call"
         );
     }
 }

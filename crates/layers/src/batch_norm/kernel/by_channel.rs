@@ -23,9 +23,9 @@ use rayon::prelude::*;
 use tape::Element;
 
 use super::{
-    Dims, SplitAffine, Stats, affine_value, chan_update, chan_weights, channel_inv_std,
-    input_grad_coefficients, input_grad_value, lane_grad_sums, lane_moments, rescue_channel, scaled_inv_std,
-    split_affine_value, written,
+    Dims, SplitAffine, Stats, affine_value, centre, chan_update, chan_weights, channel_inv_std,
+    input_grad_coefficients, input_grad_value, lane_grad_sums, lane_moments, recentres, rescue_channel,
+    scaled_inv_std, split_affine_value, written,
 };
 
 /// The shortest lane (`S` values of one channel in one row) the channel-major passes take, in
@@ -188,38 +188,51 @@ pub fn gradients<T: Element>(
     want_dx: bool,
 ) -> (Option<Vec<T>>, Vec<f64>, Vec<f64>) {
     let m = dims.per_channel() as f64;
+    // A channel's sum(dout), sum(dout · x̂) and the mean its dx is centred on.
     let sums = |channel: usize| {
-        let (sum_dout, sum_dout_xmu) = channel_sums(dout, x, dims, channel, mean[channel]);
-        (sum_dout, sum_dout_xmu * inv_std[channel])
+        let [sum_dout, sum_dout_d, sum_d] = channel_sums(dout, x, dims, channel, mean[channel]);
+        let (mean, sum_dout_xmu) = if recentres::<T>(batch_stats) {
+            centre(mean[channel], sum_dout, sum_dout_d, sum_d, m)
+        } else {
+            (mean[channel], sum_dout_d)
+        };
+        (sum_dout, sum_dout_xmu * inv_std[channel], mean)
     };
     let (dx, sums): (Option<Vec<T>>, Vec<(f64, f64)>) = if want_dx {
         let (dx, sums) = per_channel(dims, |channel, out| {
-            let (sum_dout, dgamma) = sums(channel);
+            let (sum_dout, dgamma, mean) = sums(channel);
             let (g, r) = (gamma[channel], inv_std[channel]);
             let k = input_grad_coefficients(g, r, sum_dout, dgamma, m, batch_stats);
-            channel_input_grad(dout, x, dims, channel, out, mean[channel], k);
+            channel_input_grad(dout, x, dims, channel, out, mean, k);
             (sum_dout, dgamma)
         });
         (Some(dx), sums)
-    } else if dims.parallel() {
-        (None, (0..dims.c).into_par_iter().map(sums).collect())
     } else {
-        (None, (0..dims.c).map(sums).collect())
+        let sums_only = |channel| {
+            let (sum_dout, dgamma, _) = sums(channel);
+            (sum_dout, dgamma)
+        };
+        if dims.parallel() {
+            (None, (0..dims.c).into_par_iter().map(sums_only).collect())
+        } else {
+            (None, (0..dims.c).map(sums_only).collect())
+        }
     };
     let (dbeta, dgamma) = sums.into_iter().unzip();
     (dx, dgamma, dbeta)
 }
 
-/// One channel's `sum(dout)` and `sum(dout · (x - mean))`, lane by lane.
+/// One channel's `[sum(dout), sum(dout · d), sum(d)]` with `d = x - shift` (see `grad_sums`),
+/// lane by lane.
 #[multiversion(targets("x86_64+avx2+fma"))]
-fn channel_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, channel: usize, mean: f64) -> (f64, f64) {
-    let (mut sum_dout, mut sum_dout_xmu) = (0.0, 0.0);
+fn channel_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, channel: usize, shift: f64) -> [f64; 3] {
+    let mut sums = [0.0; 3];
     for (g, v) in channel_lanes(dout, dims, channel).zip(channel_lanes(x, dims, channel)) {
-        let (lane_dout, lane_dout_xmu) = lane_grad_sums(g, v, mean);
-        sum_dout += lane_dout;
-        sum_dout_xmu += lane_dout_xmu;
+        for (s, lane) in sums.iter_mut().zip(lane_grad_sums(g, v, shift)) {
+            *s += lane;
+        }
     }
-    (sum_dout, sum_dout_xmu)
+    sums
 }
 
 /// One channel's `dx` lanes, `dx = a · dout + b · (x - mean) + d` with `[a, b, d]` from
@@ -260,9 +273,9 @@ mod tests {
         let inv_std = stats.inv_std(1e-5);
         let scale: Vec<f64> = gamma.iter().zip(&inv_std).map(|(g, r)| g * r).collect();
         let out = normalize(x, dims, &stats.mean, &scale, beta);
-        let (sum_dout, sum_dout_xmu) = grad_sums(dout, x, dims, &stats.mean);
-        let dgamma: Vec<f64> = sum_dout_xmu.iter().zip(&inv_std).map(|(s, r)| s * r).collect();
         let m = dims.per_channel() as f64;
+        let (sum_dout, sum_dout_xmu, _) = grad_sums(dout, x, dims, &stats.mean).centred(&stats.mean, m, true);
+        let dgamma: Vec<f64> = sum_dout_xmu.iter().zip(&inv_std).map(|(s, r)| s * r).collect();
         let k: Vec<[f64; 3]> = (0..dims.c)
             .map(|c| input_grad_coefficients(gamma[c], inv_std[c], sum_dout[c], dgamma[c], m, true))
             .collect();
