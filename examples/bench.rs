@@ -69,6 +69,12 @@ struct Args {
     /// Only this shape, as NxC or NxCxHxW (repeat for several).
     #[arg(long, value_parser = parse_shape)]
     shape: Vec<Vec<usize>>,
+    /// Leave the main thread out of rayon's pool (rayon's default). Without this flag the main
+    /// thread is made one of the pool's threads, as the calling thread is one of the threads of
+    /// PyTorch's OpenMP team: a parallel loop then starts on the caller instead of waking a
+    /// worker and putting the caller to sleep until it is done.
+    #[arg(long)]
+    main_outside_pool: bool,
 }
 
 fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
@@ -262,14 +268,29 @@ fn main() {
             min_time: Duration::from_secs(1),
         }
     };
+    if !args.main_outside_pool {
+        // Before any parallel work: the global pool is built here, with this thread in it.
+        if let Err(error) = rayon::ThreadPoolBuilder::new()
+            .use_current_thread()
+            .build_global()
+        {
+            eprintln!("error: could not make the main thread a pool thread: {error}");
+            std::process::exit(2);
+        }
+    }
     let copy_gbps = copy_gbps();
     let allocator = if cfg!(feature = "system-alloc") {
         "system"
     } else {
         "mimalloc"
     };
+    let main_thread = if args.main_outside_pool {
+        "main thread outside the pool"
+    } else {
+        "the main thread one of them"
+    };
     eprintln!(
-        "copy bandwidth {copy_gbps:.2} GB/s (read + write), {} rayon threads, {allocator} allocator",
+        "copy bandwidth {copy_gbps:.2} GB/s (read + write), {} rayon threads ({main_thread}), {allocator} allocator",
         rayon::current_num_threads()
     );
     for dtype in dtypes {
