@@ -57,8 +57,32 @@ fn forward_and_backward_are_bit_identical_on_1_2_and_3_threads() {
                 .unwrap()
                 .install(run)
         };
+        // The calling thread as one of the pool's threads (as `examples/bench.rs` runs): parallel
+        // loops start on it instead of on a worker. A thread of its own, since a thread joins
+        // at most one pool.
+        let caller_in_pool = || {
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        let _pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(2)
+                            .use_current_thread()
+                            .build()
+                            .unwrap();
+                        assert_eq!(rayon::current_thread_index(), Some(0));
+                        run()
+                    })
+                    .join()
+                    .unwrap()
+            })
+        };
         let one = on(1);
         assert_eq!(one, on(2), "{shape:?}: 1 vs 2 threads");
         assert_eq!(one, on(3), "{shape:?}: 1 vs 3 threads");
+        assert_eq!(
+            one,
+            caller_in_pool(),
+            "{shape:?}: 1 thread vs the caller in a pool of 2"
+        );
     }
 }
