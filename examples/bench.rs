@@ -14,7 +14,8 @@
 //! fused and composed passes are timed in alternating stints, so both medians come from the same
 //! minutes of machine time), `composed_us` is `null` above 20M elements, and `traffic_bound_us` is the time to move 7 reads + 2
 //! writes of the input at `copy_gbps` (the best of a single- and a multi-threaded copy of 256 MiB,
-//! counting bytes read plus bytes written). A readable summary goes to stderr.
+//! counting bytes read plus bytes written). A readable summary goes to stderr. The main thread is
+//! made one of rayon's pool threads (`--main-outside-pool` for rayon's default).
 //! Feed the output to `benches/pytorch_reference.py --ours FILE` for the ratios to PyTorch.
 
 // Every pass allocates and frees input-sized arrays. The system allocator returns them to the
