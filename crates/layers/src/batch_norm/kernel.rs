@@ -860,14 +860,7 @@ impl GradSums {
         GradSums(vec![0.0; 3 * c])
     }
 
-    /// `(sum(dout), sum(dout · d), sum(d))`.
-    pub fn parts(&self) -> (&[f64], &[f64], &[f64]) {
-        let c = self.0.len() / 3;
-        let (sum_dout, rest) = self.0.split_at(c);
-        let (sum_dout_d, sum_d) = rest.split_at(c);
-        (sum_dout, sum_dout_d, sum_d)
-    }
-
+    /// `(sum(dout), sum(dout · d), sum(d))`, to fill.
     fn parts_mut(&mut self) -> (&mut [f64], &mut [f64], &mut [f64]) {
         let c = self.0.len() / 3;
         let (sum_dout, rest) = self.0.split_at_mut(c);
@@ -910,7 +903,8 @@ impl GradSums {
 /// pass backward makes anyway, restores the digits the rounding lost. The subtraction cancels
 /// only as far as `shift` is from the mean in standard deviations: for f32 data the rounding
 /// moves it by at most half an f32 ulp of the mean, for f64 data not at all (to rounding).
-/// A `sum(d)` that overflowed (f64 data near 1e308) leaves `shift` as the mean.
+/// A `sum(d)` that is not finite (only for non-finite input: f32 values cannot overflow an f64
+/// sum, and f64 data skips it) leaves `shift` as the mean.
 #[inline(always)]
 pub fn centre(shift: f64, sum_dout: f64, sum_dout_d: f64, sum_d: f64, m: f64) -> (f64, f64) {
     let offset = sum_d / m;
