@@ -527,8 +527,7 @@ fn block_moments<T: Element>(data: &[T], dims: Dims, x0: &[f64]) -> Moments {
     if dims.s == 1 {
         // The sums and shifts of a piece, one allocation cut in three.
         let mut scratch = vec![0.0; 3 * c];
-        let (s1, rest) = scratch.split_at_mut(c);
-        let (s2, shift) = rest.split_at_mut(c);
+        let [s1, s2, shift] = parts_mut(&mut scratch, c);
         for tile in tiles_of(c, STATS_TILE) {
             let w = tile.len();
             let rows_per_piece = (STATS_PIECE_ELEMENTS / w).max(1);
@@ -642,13 +641,17 @@ struct Rescued {
     var_scaled: f64,
 }
 
-/// The values of one channel, row by row: its lane of `S` values in each row (only those are
+/// The `N` lanes of one channel of `values` (row-major `N x C x S`), in row order (only those are
 /// visited, not every lane of every row).
+fn channel_lanes<T>(values: &[T], dims: Dims, channel: usize) -> impl Iterator<Item = &[T]> {
+    values
+        .chunks_exact(dims.row().max(1))
+        .map(move |row| &row[channel * dims.s..][..dims.s])
+}
+
+/// The values of one channel, row by row, as f64.
 fn channel_values<T: Element>(x: &[T], dims: Dims, channel: usize) -> impl Iterator<Item = f64> + '_ {
-    let lane = channel * dims.s..(channel + 1) * dims.s;
-    x.chunks_exact(dims.row().max(1))
-        .flat_map(move |row| &row[lane.clone()])
-        .map(|v| v.as_f64())
+    channel_lanes(x, dims, channel).flatten().map(|v| v.as_f64())
 }
 
 /// Per-channel affine map `out = (x - mean) · scale + shift`. With `scale = gamma · inv_std`
@@ -706,7 +709,7 @@ impl<T: Element> SplitAffine<T> {
         }
         let c = mean.len();
         let mut coefficients = vec![T::zero(); 4 * c];
-        let [mean_hi, mean_lo, scale_t, shift_t] = Self::split(&mut coefficients, c);
+        let [mean_hi, mean_lo, scale_t, shift_t] = parts_mut(&mut coefficients, c);
         // Rounds `values` into `rounded`; false where a finite value became infinite (a
         // non-finite one stays as it is: f64 evaluation would not help it). The check rides in
         // the rounding loop, with no early exit, so the loop vectorises.
@@ -730,20 +733,9 @@ impl<T: Element> SplitAffine<T> {
         Some(SplitAffine { coefficients })
     }
 
-    fn split(coefficients: &mut [T], c: usize) -> [&mut [T]; 4] {
-        let (mean_hi, rest) = coefficients.split_at_mut(c);
-        let (mean_lo, rest) = rest.split_at_mut(c);
-        let (scale, shift) = rest.split_at_mut(c);
-        [mean_hi, mean_lo, scale, shift]
-    }
-
     /// `[mean_hi, mean_lo, scale, shift]`.
     fn parts(&self) -> [&[T]; 4] {
-        let c = self.coefficients.len() / 4;
-        let (mean_hi, rest) = self.coefficients.split_at(c);
-        let (mean_lo, rest) = rest.split_at(c);
-        let (scale, shift) = rest.split_at(c);
-        [mean_hi, mean_lo, scale, shift]
+        parts(&self.coefficients, self.coefficients.len() / 4)
     }
 }
 
@@ -830,6 +822,27 @@ fn written<T, R>(len: usize, write: impl FnOnce(&mut [MaybeUninit<T>]) -> R) -> 
     (out, result)
 }
 
+/// The `K` consecutive parts of `c` values each of `all`: per-channel vectors that share one
+/// allocation (`all` holds at least `K · c` values).
+#[inline(always)]
+pub(crate) fn parts_mut<T, const K: usize>(mut all: &mut [T], c: usize) -> [&mut [T]; K] {
+    std::array::from_fn(|_| {
+        let (part, rest) = std::mem::take(&mut all).split_at_mut(c);
+        all = rest;
+        part
+    })
+}
+
+/// [`parts_mut`] to read.
+#[inline(always)]
+fn parts<T, const K: usize>(mut all: &[T], c: usize) -> [&[T]; K] {
+    std::array::from_fn(|_| {
+        let (part, rest) = all.split_at(c);
+        all = rest;
+        part
+    })
+}
+
 /// The per-channel sums backward needs, from one pass reading `dout` and `x`, with `d = x - shift`:
 /// `sum(dout)`, `sum(dout · d)` and `sum(d)`. The last centres the others on the batch mean when
 /// `shift` is that mean rounded to `T` (see [`GradSums::centred`]); for f64 data, whose mean is
@@ -860,43 +873,39 @@ impl GradSums {
         GradSums(vec![0.0; 3 * c])
     }
 
-    /// `(sum(dout), sum(dout · d), sum(d))`, to fill.
-    fn parts_mut(&mut self) -> (&mut [f64], &mut [f64], &mut [f64]) {
-        let c = self.0.len() / 3;
-        let (sum_dout, rest) = self.0.split_at_mut(c);
-        let (sum_dout_d, sum_d) = rest.split_at_mut(c);
-        (sum_dout, sum_dout_d, sum_d)
-    }
-
-    /// `(sum(dout), sum(dout · (x - mean)), mean)` per channel. With `recentre` (training on data
-    /// narrower than f64, see [`recentres`]) `mean` is the batch mean, recovered with [`centre`]
-    /// from `shift` and these sums over `m` values per channel; otherwise it is `shift` itself.
+    /// `(sum(dout), sum(dout · (x - mean)), mean)` per channel, each channel's from [`centre`]
+    /// (`m` values per channel; `recentre` as there).
     pub fn centred(self, shift: &[f64], m: f64, recentre: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let c = shift.len();
         let GradSums(mut sum_dout) = self;
         let mut mean = sum_dout.split_off(2 * c);
         let mut sum_dout_xmu = sum_dout.split_off(c);
-        if recentre {
-            // Slices cut to one width: the loop carries no bounds checks and vectorises.
-            let (sum_dout, sum_dout_xmu, mean, shift) = (
-                &sum_dout[..c],
-                &mut sum_dout_xmu[..c],
-                &mut mean[..c],
-                &shift[..c],
+        // Slices cut to one width: the loop carries no bounds checks.
+        let (sum_dout_c, sum_dout_xmu_c, mean_c, shift) = (
+            &sum_dout[..c],
+            &mut sum_dout_xmu[..c],
+            &mut mean[..c],
+            &shift[..c],
+        );
+        for ch in 0..c {
+            (mean_c[ch], sum_dout_xmu_c[ch]) = centre(
+                recentre,
+                shift[ch],
+                sum_dout_c[ch],
+                sum_dout_xmu_c[ch],
+                mean_c[ch],
+                m,
             );
-            for ch in 0..c {
-                (mean[ch], sum_dout_xmu[ch]) = centre(shift[ch], sum_dout[ch], sum_dout_xmu[ch], mean[ch], m);
-            }
-        } else {
-            mean.copy_from_slice(shift);
         }
         (sum_dout, sum_dout_xmu, mean)
     }
 }
 
-/// One channel's batch mean and `sum(dout · (x - mean))`, from the sums of [`grad_sums`] taken
-/// relative to `shift`: `mean = shift + offset` with `offset = sum(d) / m`, and `sum(dout · (x -
-/// mean)) = sum(dout · d) - offset · sum(dout)`.
+/// One channel's mean and `sum(dout · (x - mean))`, from the sums of [`grad_sums`] taken
+/// relative to `shift`. With `recentre` (training on data narrower than f64, see [`recentres`])
+/// the mean is the batch mean, `mean = shift + offset` with `offset = sum(d) / m`, and
+/// `sum(dout · (x - mean)) = sum(dout · d) - offset · sum(dout)`; otherwise the mean is `shift`
+/// itself (a running mean, or a batch mean kept exactly) and the sum is `sum(dout · d)`.
 ///
 /// This is how backward gets the mean without the node keeping it in f64: the node keeps it
 /// rounded to `T` as `shift` (half the bytes for f32), and this sum, one addition per value in the
@@ -906,7 +915,10 @@ impl GradSums {
 /// A `sum(d)` that is not finite (only for non-finite input: f32 values cannot overflow an f64
 /// sum, and f64 data skips it) leaves `shift` as the mean.
 #[inline(always)]
-pub fn centre(shift: f64, sum_dout: f64, sum_dout_d: f64, sum_d: f64, m: f64) -> (f64, f64) {
+pub fn centre(recentre: bool, shift: f64, sum_dout: f64, sum_dout_d: f64, sum_d: f64, m: f64) -> (f64, f64) {
+    if !recentre {
+        return (shift, sum_dout_d);
+    }
     let offset = sum_d / m;
     let offset = if offset.is_finite() { offset } else { 0.0 };
     (shift + offset, sum_dout_d - offset * sum_dout)
@@ -917,7 +929,7 @@ pub fn centre(shift: f64, sum_dout: f64, sum_dout_d: f64, sum_d: f64, m: f64) ->
 fn block_grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, shift: &[f64]) -> GradSums {
     let c = dims.c;
     let mut sums = GradSums::zeros(c);
-    let (sum_dout, sum_dout_d, sum_d) = sums.parts_mut();
+    let [sum_dout, sum_dout_d, sum_d] = parts_mut(&mut sums.0, c);
     if dims.s == 1 {
         for tile in channel_tiles(c) {
             // Slices cut to one width: the index loops carry no bounds checks and vectorise.

@@ -222,8 +222,7 @@ pub(crate) fn gradients<T: Element>(
             let c = dims.c;
             // The three per-channel coefficients of `dx`, in one allocation.
             let mut coefficients = vec![0.0; 3 * c];
-            let (grad_scale, rest) = coefficients.split_at_mut(c);
-            let (xmu_scale, offset) = rest.split_at_mut(c);
+            let [grad_scale, xmu_scale, offset] = kernel::parts_mut(&mut coefficients, c);
             for c in 0..c {
                 let k = kernel::input_grad_coefficients(
                     gamma[c],

@@ -1,6 +1,6 @@
 //! Channel-major passes for `(N, C, S)` data with long lanes (the feature maps of a
 //! convolutional net, BatchNorm2d): each worker takes whole channels, and for each one computes
-//! its statistics and then its output (forward), or its two sums and then its `dx` (backward).
+//! its statistics and then its output (forward), or its sums and then its `dx` (backward).
 //!
 //! The row-major passes of the parent module read the whole input for the statistics, then all
 //! of it again for the output: twice from memory when it does not fit in cache. Here a channel's
@@ -24,8 +24,8 @@ use tape::Element;
 
 use super::{
     Dims, SplitAffine, Stats, affine_value, centre, chan_update, chan_weights, channel_inv_std,
-    input_grad_coefficients, input_grad_value, lane_grad_sums, lane_moments, recentres, rescue_channel,
-    scaled_inv_std, split_affine_value, written,
+    channel_lanes, input_grad_coefficients, input_grad_value, lane_grad_sums, lane_moments, recentres,
+    rescue_channel, scaled_inv_std, split_affine_value, written,
 };
 
 /// The shortest lane (`S` values of one channel in one row) the channel-major passes take, in
@@ -82,13 +82,6 @@ fn per_channel<T: Element, R: Send>(
                 .collect()
         }
     })
-}
-
-/// The `N` lanes of one channel of `values` (row-major `N x C x S`), in row order.
-fn channel_lanes<T>(values: &[T], dims: Dims, channel: usize) -> impl Iterator<Item = &[T]> {
-    values
-        .chunks_exact(dims.row())
-        .map(move |row| &row[channel * dims.s..][..dims.s])
 }
 
 /// Training-mode forward: the batch statistics, their `inv_std` and the output, as the
@@ -178,7 +171,7 @@ fn lane_moments_apart<T: Element>(lane: &[T], x0: f64) -> (f64, f64) {
 }
 
 /// Gradients `(dx, dgamma, dbeta)` as the row-major `grad_sums` and `input_grad` compute them
-/// (see `batch_norm::gradients`), one channel at a time: its two sums, then its `dx` lanes.
+/// (see `batch_norm::gradients`), one channel at a time: its sums, then its `dx` lanes.
 pub fn gradients<T: Element>(
     dout: &[T],
     x: &[T],
@@ -191,11 +184,8 @@ pub fn gradients<T: Element>(
     // A channel's sum(dout), sum(dout · x̂) and the mean its dx is centred on.
     let sums = |channel: usize| {
         let [sum_dout, sum_dout_d, sum_d] = channel_sums(dout, x, dims, channel, mean[channel]);
-        let (mean, sum_dout_xmu) = if recentres::<T>(batch_stats) {
-            centre(mean[channel], sum_dout, sum_dout_d, sum_d, m)
-        } else {
-            (mean[channel], sum_dout_d)
-        };
+        let recentre = recentres::<T>(batch_stats);
+        let (mean, sum_dout_xmu) = centre(recentre, mean[channel], sum_dout, sum_dout_d, sum_d, m);
         (sum_dout, sum_dout_xmu * inv_std[channel], mean)
     };
     let (dx, sums): (Option<Vec<T>>, Vec<(f64, f64)>) = if want_dx {
