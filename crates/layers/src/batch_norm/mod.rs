@@ -223,16 +223,19 @@ pub(crate) fn gradients<T: Element>(
             // The three per-channel coefficients of `dx`, in one allocation.
             let mut coefficients = vec![0.0; 3 * c];
             let [grad_scale, xmu_scale, offset] = kernel::parts_mut(&mut coefficients, c);
-            for c in 0..c {
-                let k = kernel::input_grad_coefficients(
-                    gamma[c],
-                    inv_std[c],
-                    sum_dout[c],
-                    dgamma[c],
-                    m,
-                    batch_stats,
-                );
-                [grad_scale[c], xmu_scale[c], offset[c]] = k;
+            // Slices cut to one width and the mode decided outside: the loops vectorise.
+            let (gamma, inv_std, sums) = (&gamma[..c], &inv_std[..c], (&sum_dout[..c], &dgamma[..c]));
+            let (a, b, d) = (&mut grad_scale[..c], &mut xmu_scale[..c], &mut offset[..c]);
+            let mut fill = |batch_stats: bool| {
+                for ch in 0..c {
+                    let (g, r, s, dg) = (gamma[ch], inv_std[ch], sums.0[ch], sums.1[ch]);
+                    [a[ch], b[ch], d[ch]] = kernel::input_grad_coefficients(g, r, s, dg, m, batch_stats);
+                }
+            };
+            if batch_stats {
+                fill(true)
+            } else {
+                fill(false)
             }
             kernel::input_grad(dout, x, dims, &mean, grad_scale, xmu_scale, offset)
         });
