@@ -224,11 +224,12 @@ pub(crate) fn gradients<T: Element>(
             let mut coefficients = vec![0.0; 3 * c];
             let [grad_scale, xmu_scale, offset] = kernel::parts_mut(&mut coefficients, c);
             // Slices cut to one width and the mode decided outside: the loops vectorise.
-            let (gamma, inv_std, sums) = (&gamma[..c], &inv_std[..c], (&sum_dout[..c], &dgamma[..c]));
+            let (gamma, inv_std) = (&gamma[..c], &inv_std[..c]);
+            let (sum_dout, dgamma) = (&sum_dout[..c], &dgamma[..c]);
             let (a, b, d) = (&mut grad_scale[..c], &mut xmu_scale[..c], &mut offset[..c]);
             let mut fill = |batch_stats: bool| {
                 for ch in 0..c {
-                    let (g, r, s, dg) = (gamma[ch], inv_std[ch], sums.0[ch], sums.1[ch]);
+                    let (g, r, s, dg) = (gamma[ch], inv_std[ch], sum_dout[ch], dgamma[ch]);
                     [a[ch], b[ch], d[ch]] = kernel::input_grad_coefficients(g, r, s, dg, m, batch_stats);
                 }
             };
