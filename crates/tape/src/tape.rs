@@ -139,16 +139,17 @@ impl<T: Element> Tape<T> {
             }
             indices.push(input.index);
         }
-        // Clone the Rc handles so the node list is not borrowed while the op runs.
-        let (values, requires_grad): (Vec<Rc<ArrayD<T>>>, bool) = {
+        // The op reads its inputs through views into the node list, which stays borrowed (to read)
+        // while it runs: `forward` is given only the views, and an op is `'static`, so it cannot
+        // hold this tape to record on it meanwhile.
+        let (output, requires_grad) = {
             let nodes = self.nodes.borrow();
+            let views: Vec<ArrayViewD<'_, T>> = indices.iter().map(|&i| nodes[i].value.view()).collect();
             (
-                indices.iter().map(|&i| Rc::clone(&nodes[i].value)).collect(),
+                op.forward(&views)?,
                 indices.iter().any(|&i| nodes[i].requires_grad),
             )
         };
-        let views: Vec<ArrayViewD<'_, T>> = values.iter().map(|v| v.view()).collect();
-        let output = op.forward(&views)?;
         let kind = NodeKind::Op {
             op: Box::new(op),
             inputs: indices,
@@ -210,21 +211,28 @@ impl<T: Element> Tape<T> {
         output: Var<'_, T>,
         grad_output: Array<T, D>,
     ) -> Result<Gradients<T>> {
-        let shape = self.shape_of(output, "backward_with")?;
+        if output.tape.id != self.id {
+            return Err(TapeError::ForeignVar {
+                op: "backward_with".into(),
+            });
+        }
         let grad_output = grad_output.into_dyn();
-        if grad_output.shape() != shape.as_slice() {
+        let nodes = self.nodes.borrow();
+        let shape = nodes[output.index].value.shape();
+        if grad_output.shape() != shape {
             return Err(TapeError::GradientShape {
                 op: "backward_with".into(),
                 what: "the output".into(),
-                expected: shape,
+                expected: shape.to_vec(),
                 got: grad_output.shape().to_vec(),
             });
         }
-        let nodes = self.nodes.borrow();
         let mut grads: Vec<Option<ArrayD<T>>> = vec![None; output.index + 1];
         if nodes[output.index].requires_grad {
             grads[output.index] = Some(grad_output);
         }
+        // Per op, which inputs need a gradient and their values: two lists refilled at each op.
+        let (mut needs_grad, mut input_values) = (Vec::new(), Vec::new());
         for index in (0..=output.index).rev() {
             let node = &nodes[index];
             let NodeKind::Op { op, inputs } = &node.kind else {
@@ -233,9 +241,10 @@ impl<T: Element> Tape<T> {
             let Some(grad) = grads[index].take() else {
                 continue;
             };
-            let needs_grad: Vec<bool> = inputs.iter().map(|&i| nodes[i].requires_grad).collect();
-            let input_values: Vec<ArrayViewD<'_, T>> =
-                inputs.iter().map(|&i| nodes[i].value.view()).collect();
+            needs_grad.clear();
+            needs_grad.extend(inputs.iter().map(|&i| nodes[i].requires_grad));
+            input_values.clear();
+            input_values.extend(inputs.iter().map(|&i| nodes[i].value.view()));
             let input_grads = op.backward(&BackwardArgs {
                 inputs: &input_values,
                 output: node.value.view(),

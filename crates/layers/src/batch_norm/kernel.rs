@@ -857,7 +857,7 @@ pub(crate) fn parts_mut<T, const K: usize>(mut all: &mut [T], c: usize) -> [&mut
 
 /// [`parts_mut`] to read.
 #[inline(always)]
-fn parts<T, const K: usize>(mut all: &[T], c: usize) -> [&[T]; K] {
+pub(crate) fn parts<T, const K: usize>(mut all: &[T], c: usize) -> [&[T]; K] {
     std::array::from_fn(|_| {
         let (part, rest) = all.split_at(c);
         all = rest;
@@ -895,30 +895,63 @@ impl GradSums {
         GradSums(vec![0.0; 3 * c])
     }
 
-    /// `(sum(dout), sum(dout · (x - mean)), mean)` per channel, each channel's from [`centre`]
-    /// (`m` values per channel; `recentre` as there).
-    pub fn centred(self, shift: &[f64], m: f64, recentre: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    /// Turns the sums into `[sum(dout) | sum(dout · (x - mean)) | mean]` per channel, in place,
+    /// each channel's from [`centre`] (`m` values per channel; `recentre` as there).
+    pub fn centre_all(&mut self, shift: &[f64], m: f64, recentre: bool) {
         let c = shift.len();
-        let GradSums(mut sum_dout) = self;
-        let mut mean = sum_dout.split_off(2 * c);
-        let mut sum_dout_xmu = sum_dout.split_off(c);
-        // Slices cut to one width: the loop carries no bounds checks.
-        let (sum_dout_c, sum_dout_xmu_c, mean_c, shift) = (
-            &sum_dout[..c],
-            &mut sum_dout_xmu[..c],
-            &mut mean[..c],
-            &shift[..c],
-        );
+        let [sum_dout, sum_dout_xmu, mean] = self.parts_mut(c);
         if recentre {
+            // Slices cut to one width: the loop carries no bounds checks.
+            let (sum_dout, sum_dout_xmu, mean, shift) = (
+                &sum_dout[..c],
+                &mut sum_dout_xmu[..c],
+                &mut mean[..c],
+                &shift[..c],
+            );
             for ch in 0..c {
-                (mean_c[ch], sum_dout_xmu_c[ch]) =
-                    centre(true, shift[ch], sum_dout_c[ch], sum_dout_xmu_c[ch], mean_c[ch], m);
+                (mean[ch], sum_dout_xmu[ch]) =
+                    centre(true, shift[ch], sum_dout[ch], sum_dout_xmu[ch], mean[ch], m);
             }
         } else {
             // `centre` without recentring: the mean is the shift, the sums stay (no loop).
-            mean_c.copy_from_slice(shift);
+            mean.copy_from_slice(shift);
         }
-        (sum_dout, sum_dout_xmu, mean)
+    }
+
+    /// The three per-channel vectors (`c` values each), to read or change in place.
+    pub fn parts_mut(&mut self, c: usize) -> [&mut [f64]; 3] {
+        parts_mut(&mut self.0, c)
+    }
+
+    /// The values, all three vectors one after the other.
+    pub fn into_vec(self) -> Vec<f64> {
+        self.0
+    }
+}
+
+/// The gradients of `beta` and `gamma` per channel, in one allocation: `[dbeta | dgamma | ...]`
+/// (the backward pass's sums, turned into them in place).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamGrads {
+    values: Vec<f64>,
+    c: usize,
+}
+
+impl ParamGrads {
+    /// `values` holds `dbeta` then `dgamma`, `c` values each (and possibly more after them).
+    pub fn new(values: Vec<f64>, c: usize) -> Self {
+        debug_assert!(values.len() >= 2 * c);
+        ParamGrads { values, c }
+    }
+
+    /// `dbeta = sum(dout)` per channel.
+    pub fn dbeta(&self) -> &[f64] {
+        &self.values[..self.c]
+    }
+
+    /// `dgamma = sum(dout · x̂)` per channel.
+    pub fn dgamma(&self) -> &[f64] {
+        &self.values[self.c..2 * self.c]
     }
 }
 

@@ -151,6 +151,16 @@ pub(crate) fn to_f64<T: Element, D: Dimension>(values: &ArrayRef<T, D>) -> Vec<f
     row_major(values).iter().map(|v| v.as_f64()).collect()
 }
 
+/// Several per-channel vectors as f64, one after the other in one allocation (the fused node
+/// converts two at each call: one allocation fewer than two `to_f64`).
+pub(crate) fn to_f64_joined<T: Element, const K: usize>(parts: [&[T]; K]) -> Vec<f64> {
+    let mut joined = Vec::with_capacity(parts.iter().map(|part| part.len()).sum());
+    for part in parts {
+        joined.extend(part.iter().map(|v| v.as_f64()));
+    }
+    joined
+}
+
 pub(crate) fn from_f64<T: Element>(values: &[f64]) -> Array1<T> {
     values.iter().map(|&v| T::from_f64_lossy(v)).collect()
 }
@@ -188,7 +198,7 @@ pub(crate) fn normalize_batch<T: Element>(
     })
 }
 
-/// Gradients `(dx, dgamma, dbeta)` of a normalization; `batch_stats` says whether `mean` and
+/// Gradients `(dx, [dbeta | dgamma])` of a normalization; `batch_stats` says whether `mean` and
 /// `inv_std` were computed from `x` (training) or are constants (evaluation). `dx` is skipped
 /// (`None`) when not `want_dx`.
 ///
@@ -205,21 +215,22 @@ pub(crate) fn gradients<T: Element>(
     inv_std: &[f64],
     batch_stats: bool,
     want_dx: bool,
-) -> (Option<Vec<T>>, Vec<f64>, Vec<f64>) {
+) -> (Option<Vec<T>>, kernel::ParamGrads) {
     // The two passes as one job on the thread pool (see `kernel::on_pool`).
     kernel::on_pool(dims, || {
         if kernel::by_channel::applies::<T>(dims) {
             let args = (gamma, mean, inv_std);
             return kernel::by_channel::gradients(dout, x, dims, args, batch_stats, want_dx);
         }
-        let m = dims.per_channel() as f64;
-        let sums = kernel::grad_sums(dout, x, dims, mean);
-        let (sum_dout, mut dgamma, mean) = sums.centred(mean, m, kernel::recentres::<T>(batch_stats));
+        let (c, m) = (dims.c, dims.per_channel() as f64);
+        let mut sums = kernel::grad_sums(dout, x, dims, mean);
+        // In place: `[sum(dout) | sum(dout · (x - μ)) | μ]`, then `[dbeta | dgamma | μ]`.
+        sums.centre_all(mean, m, kernel::recentres::<T>(batch_stats));
+        let [sum_dout, dgamma, mean] = sums.parts_mut(c);
         for (s, r) in dgamma.iter_mut().zip(inv_std) {
             *s *= r; // sum(dout · (x - μ)) · r = sum(dout · x̂)
         }
         let dx = want_dx.then(|| {
-            let c = dims.c;
             // The three per-channel coefficients of `dx`, in one allocation.
             let mut coefficients = vec![0.0; 3 * c];
             let [grad_scale, xmu_scale, offset] = kernel::parts_mut(&mut coefficients, c);
@@ -238,9 +249,9 @@ pub(crate) fn gradients<T: Element>(
             } else {
                 fill(false)
             }
-            kernel::input_grad(dout, x, dims, &mean, grad_scale, xmu_scale, offset)
+            kernel::input_grad(dout, x, dims, mean, grad_scale, xmu_scale, offset)
         });
-        (dx, dgamma, sum_dout)
+        (dx, kernel::ParamGrads::new(sums.into_vec(), c))
     })
 }
 
@@ -376,7 +387,7 @@ where
     }
     let dims = Dims::of(cache.x.shape());
     let x = row_major(&cache.x);
-    let (dx, dgamma, dbeta) = gradients(
+    let (dx, params) = gradients(
         &row_major(&dout),
         &x,
         dims,
@@ -387,7 +398,11 @@ where
         true,
     );
     let dx = dx.unwrap_or_default();
-    Ok((shaped(dx, dout.raw_dim()), from_f64(&dgamma), from_f64(&dbeta)))
+    Ok((
+        shaped(dx, dout.raw_dim()),
+        from_f64(params.dgamma()),
+        from_f64(params.dbeta()),
+    ))
 }
 
 /// A row-major `Vec` as an array of `dim` (whose element count it has).

@@ -8,7 +8,7 @@ use tape::{BackwardArgs, Element, Function, TapeError, Var};
 use super::kernel::{self, Dims};
 use super::{
     check_channels, check_training_inputs, dims_of, from_f64, gradients, normalize, normalize_batch,
-    row_major, shaped, to_f64,
+    row_major, shaped, to_f64, to_f64_joined,
 };
 use crate::error::{Error, Result};
 
@@ -75,10 +75,6 @@ impl<T: Element> BatchNormNode<T> {
         Self::new(row_major(running_mean).into_owned(), inv_std, false)
     }
 
-    fn mean_f64(&self) -> Vec<f64> {
-        self.mean.iter().map(|m| m.as_f64()).collect()
-    }
-
     fn check(&self, x: &[usize], gamma: &[usize], beta: &[usize]) -> Result<Dims> {
         let dims = dims_of(x)?;
         check_channels("gamma", gamma, dims.c)?;
@@ -133,14 +129,11 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
                     "this training node's output was already used; make a new node for each call",
                 ));
             }
-            None => normalize(
-                &row_major(x),
-                dims,
-                &to_f64(gamma),
-                &to_f64(beta),
-                &self.mean_f64(),
-                &self.inv_std,
-            ),
+            None => {
+                let per_channel = to_f64_joined([&row_major(gamma), &row_major(beta), &self.mean]);
+                let [gamma, beta, mean] = kernel::parts(&per_channel, dims.c);
+                normalize(&row_major(x), dims, gamma, beta, mean, &self.inv_std)
+            }
         };
         Ok(shaped(out, x.raw_dim()))
     }
@@ -150,12 +143,14 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
             return Err(TapeError::op("batch_norm", "backward takes the 3 forward inputs"));
         };
         let dims = Dims::of(x.shape());
-        let (dx, dgamma, dbeta) = gradients(
+        let gamma_and_mean = to_f64_joined([&row_major(gamma), &self.mean]);
+        let (gamma, mean) = gamma_and_mean.split_at(dims.c);
+        let (dx, params) = gradients(
             &row_major(&args.grad_output),
             &row_major(x),
             dims,
-            &to_f64(gamma),
-            &self.mean_f64(),
+            gamma,
+            mean,
             &self.inv_std,
             self.batch_stats,
             args.needs_grad[0],
@@ -163,8 +158,8 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
         let channel = |values: &[f64]| from_f64::<T>(values).into_dyn();
         Ok(vec![
             dx.map(|dx| shaped(dx, x.raw_dim())),
-            args.needs_grad[1].then(|| channel(&dgamma)),
-            args.needs_grad[2].then(|| channel(&dbeta)),
+            args.needs_grad[1].then(|| channel(params.dgamma())),
+            args.needs_grad[2].then(|| channel(params.dbeta())),
         ])
     }
 
@@ -205,13 +200,9 @@ pub fn batch_norm<'t, T: Element>(
 ) -> Result<Var<'t, T>> {
     let (value, gamma_value, beta_value) = (x.value(), gamma.value(), beta.value());
     let dims = check_training_inputs(value.shape(), gamma_value.shape(), beta_value.shape(), eps)?;
-    let (node, _) = BatchNormNode::training(
-        &row_major(&value),
-        dims,
-        &to_f64(&gamma_value),
-        &to_f64(&beta_value),
-        eps,
-    );
+    let gamma_and_beta = to_f64_joined([&row_major(&gamma_value), &row_major(&beta_value)]);
+    let (gamma_f64, beta_f64) = gamma_and_beta.split_at(dims.c);
+    let (node, _) = BatchNormNode::training(&row_major(&value), dims, gamma_f64, beta_f64, eps);
     Ok(x.tape().apply(node, &[x, gamma, beta])?)
 }
 

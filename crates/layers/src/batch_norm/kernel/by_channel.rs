@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use tape::Element;
 
 use super::{
-    Dims, SplitAffine, Stats, affine_value, centre, chan_update, chan_weights, channel_inv_std,
+    Dims, ParamGrads, SplitAffine, Stats, affine_value, centre, chan_update, chan_weights, channel_inv_std,
     channel_lanes, input_grad_coefficients, input_grad_value, lane_grad_sums, lane_moments, recentres,
     rescue_channel, scaled_inv_std, split_affine_value, written,
 };
@@ -170,7 +170,7 @@ fn lane_moments_apart<T: Element>(lane: &[T], x0: f64) -> (f64, f64) {
     lane_moments(lane, x0)
 }
 
-/// Gradients `(dx, dgamma, dbeta)` as the row-major `grad_sums` and `input_grad` compute them
+/// Gradients `(dx, [dbeta | dgamma])` as the row-major `grad_sums` and `input_grad` compute them
 /// (see `batch_norm::gradients`), one channel at a time: its sums, then its `dx` lanes.
 pub fn gradients<T: Element>(
     dout: &[T],
@@ -179,7 +179,7 @@ pub fn gradients<T: Element>(
     (gamma, mean, inv_std): (&[f64], &[f64], &[f64]),
     batch_stats: bool,
     want_dx: bool,
-) -> (Option<Vec<T>>, Vec<f64>, Vec<f64>) {
+) -> (Option<Vec<T>>, ParamGrads) {
     let m = dims.per_channel() as f64;
     // A channel's sum(dout), sum(dout · x̂) and the mean its dx is centred on.
     let sums = |channel: usize| {
@@ -208,8 +208,13 @@ pub fn gradients<T: Element>(
             (None, (0..dims.c).map(sums_only).collect())
         }
     };
-    let (dbeta, dgamma) = sums.into_iter().unzip();
-    (dx, dgamma, dbeta)
+    let c = dims.c;
+    let mut values = vec![0.0; 2 * c];
+    let (dbeta, dgamma) = values.split_at_mut(c);
+    for ((b, g), (sum_dout, sum_dout_xhat)) in dbeta.iter_mut().zip(dgamma).zip(sums) {
+        (*b, *g) = (sum_dout, sum_dout_xhat);
+    }
+    (dx, ParamGrads::new(values, c))
 }
 
 /// One channel's `[sum(dout), sum(dout · d), sum(d)]` with `d = x - shift` (see `grad_sums`),
@@ -264,7 +269,9 @@ mod tests {
         let scale: Vec<f64> = gamma.iter().zip(&inv_std).map(|(g, r)| g * r).collect();
         let out = normalize(x, dims, &stats.mean, &scale, beta);
         let m = dims.per_channel() as f64;
-        let (sum_dout, sum_dout_xmu, _) = grad_sums(dout, x, dims, &stats.mean).centred(&stats.mean, m, true);
+        let mut sums = grad_sums(dout, x, dims, &stats.mean);
+        sums.centre_all(&stats.mean, m, true);
+        let [sum_dout, sum_dout_xmu, _] = sums.parts_mut(dims.c).map(|part| part.to_vec());
         let dgamma: Vec<f64> = sum_dout_xmu.iter().zip(&inv_std).map(|(s, r)| s * r).collect();
         let k: Vec<[f64; 3]> = (0..dims.c)
             .map(|c| input_grad_coefficients(gamma[c], inv_std[c], sum_dout[c], dgamma[c], m, true))
@@ -304,14 +311,14 @@ mod tests {
             assert_close("out", &channel_out, &out, 1e-12);
 
             let args = (&gamma[..], &stats.mean[..], &inv_std[..]);
-            let (channel_dx, channel_dgamma, channel_dbeta) = gradients(&dout, &x, dims, args, true, true);
+            let (channel_dx, channel_params) = gradients(&dout, &x, dims, args, true, true);
             assert_close("dx", &channel_dx.unwrap(), &dx, 1e-12);
-            assert_close("dgamma", &channel_dgamma, &dgamma, 1e-12);
-            assert_close("dbeta", &channel_dbeta, &dbeta, 1e-12);
+            assert_close("dgamma", channel_params.dgamma(), &dgamma, 1e-12);
+            assert_close("dbeta", channel_params.dbeta(), &dbeta, 1e-12);
             // Without dx: the same sums, and no dx.
-            let (none, dgamma_only, dbeta_only) = gradients(&dout, &x, dims, args, true, false);
+            let (none, params_only) = gradients(&dout, &x, dims, args, true, false);
             assert!(none.is_none());
-            assert_eq!((dgamma_only, dbeta_only), (channel_dgamma, channel_dbeta));
+            assert_eq!(params_only, channel_params);
         }
     }
 
@@ -322,7 +329,7 @@ mod tests {
         let x = normal(&[2, 8, 256], 0.0, 1.0, 3).into_raw_vec_and_offset().0;
         let dout = normal(&[2, 8, 256], 0.0, 1.0, 4).into_raw_vec_and_offset().0;
         let (gamma, mean, inv_std) = (vec![2.0; 8], vec![0.5; 8], vec![0.25; 8]);
-        let (dx, _, _) = gradients(&dout, &x, dims, (&gamma, &mean, &inv_std), false, true);
+        let (dx, _) = gradients(&dout, &x, dims, (&gamma, &mean, &inv_std), false, true);
         for (dx, g) in dx.unwrap().iter().zip(&dout) {
             assert_eq!(*dx, 0.5 * g);
         }
