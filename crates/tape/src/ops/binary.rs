@@ -232,6 +232,10 @@ mod tests {
         assert!(matches!(a.try_add(b), Err(TapeError::ForeignVar { op }) if op == "add"));
         assert!(matches!(b.matmul(a), Err(TapeError::ForeignVar { op }) if op == "matmul"));
         assert!(matches!(first.backward(b), Err(TapeError::ForeignVar { .. })));
+        assert!(matches!(
+            first.backward_with(b, uniform(&[2], 2)),
+            Err(TapeError::ForeignVar { op }) if op == "backward_with"
+        ));
         let grads = (a * a).sum().backward().unwrap();
         assert!(matches!(grads.wrt(b), Err(TapeError::ForeignVar { .. })));
     }
