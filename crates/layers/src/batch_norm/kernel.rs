@@ -867,7 +867,7 @@ pub(crate) fn parts<T, const K: usize>(mut all: &[T], c: usize) -> [&[T]; K] {
 
 /// The per-channel sums backward needs, from one pass reading `dout` and `x`, with `d = x - shift`:
 /// `sum(dout)`, `sum(dout · d)` and `sum(d)`. The last centres the others on the batch mean when
-/// `shift` is that mean rounded to `T` (see [`GradSums::centred`]); for f64 data, whose mean is
+/// `shift` is that mean rounded to `T` (see [`GradSums::centre_all`]); for f64 data, whose mean is
 /// kept exactly, it would be a correction of 0 up to rounding, and is left at 0 (the pass then
 /// costs what it did before the node kept its mean in `T`).
 pub fn grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, shift: &[f64]) -> GradSums {
