@@ -899,7 +899,7 @@ impl GradSums {
     /// each channel's from [`centre`] (`m` values per channel; `recentre` as there).
     pub fn centre_all(&mut self, shift: &[f64], m: f64, recentre: bool) {
         let c = shift.len();
-        let [sum_dout, sum_dout_xmu, mean] = self.parts_mut(c);
+        let [sum_dout, sum_dout_xmu, mean] = self.parts_mut();
         if recentre {
             // Slices cut to one width: the loop carries no bounds checks.
             let (sum_dout, sum_dout_xmu, mean, shift) = (
@@ -918,8 +918,9 @@ impl GradSums {
         }
     }
 
-    /// The three per-channel vectors (`c` values each), to read or change in place.
-    pub fn parts_mut(&mut self, c: usize) -> [&mut [f64]; 3] {
+    /// The three per-channel vectors, to read or change in place.
+    pub fn parts_mut(&mut self) -> [&mut [f64]; 3] {
+        let c = self.0.len() / 3;
         parts_mut(&mut self.0, c)
     }
 
@@ -985,7 +986,7 @@ pub fn centre(recentre: bool, shift: f64, sum_dout: f64, sum_dout_d: f64, sum_d:
 fn block_grad_sums<T: Element>(dout: &[T], x: &[T], dims: Dims, shift: &[f64]) -> GradSums {
     let c = dims.c;
     let mut sums = GradSums::zeros(c);
-    let [sum_dout, sum_dout_d, sum_d] = parts_mut(&mut sums.0, c);
+    let [sum_dout, sum_dout_d, sum_d] = sums.parts_mut();
     if dims.s == 1 {
         for tile in channel_tiles(c) {
             // Slices cut to one width: the index loops carry no bounds checks and vectorise.

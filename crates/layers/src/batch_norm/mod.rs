@@ -148,7 +148,7 @@ pub(crate) fn row_major<T: Element, D: Dimension>(values: &ArrayRef<T, D>) -> Co
 /// The values as f64, in row-major order (through a slice when contiguous: iterating an
 /// `IxDyn` array element by element costs nanoseconds per value).
 pub(crate) fn to_f64<T: Element, D: Dimension>(values: &ArrayRef<T, D>) -> Vec<f64> {
-    row_major(values).iter().map(|v| v.as_f64()).collect()
+    to_f64_joined([&row_major(values)])
 }
 
 /// Several per-channel vectors as f64, one after the other in one allocation (the fused node
@@ -226,7 +226,7 @@ pub(crate) fn gradients<T: Element>(
         let mut sums = kernel::grad_sums(dout, x, dims, mean);
         // In place: `[sum(dout) | sum(dout · (x - μ)) | μ]`, then `[dbeta | dgamma | μ]`.
         sums.centre_all(mean, m, kernel::recentres::<T>(batch_stats));
-        let [sum_dout, dgamma, mean] = sums.parts_mut(c);
+        let [sum_dout, dgamma, mean] = sums.parts_mut();
         for (s, r) in dgamma.iter_mut().zip(inv_std) {
             *s *= r; // sum(dout · (x - μ)) · r = sum(dout · x̂)
         }

@@ -144,7 +144,7 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
         };
         let dims = Dims::of(x.shape());
         let gamma_and_mean = to_f64_joined([&row_major(gamma), &self.mean]);
-        let (gamma, mean) = gamma_and_mean.split_at(dims.c);
+        let [gamma, mean] = kernel::parts(&gamma_and_mean, dims.c);
         let (dx, params) = gradients(
             &row_major(&args.grad_output),
             &row_major(x),
@@ -201,7 +201,7 @@ pub fn batch_norm<'t, T: Element>(
     let (value, gamma_value, beta_value) = (x.value(), gamma.value(), beta.value());
     let dims = check_training_inputs(value.shape(), gamma_value.shape(), beta_value.shape(), eps)?;
     let gamma_and_beta = to_f64_joined([&row_major(&gamma_value), &row_major(&beta_value)]);
-    let (gamma_f64, beta_f64) = gamma_and_beta.split_at(dims.c);
+    let [gamma_f64, beta_f64] = kernel::parts(&gamma_and_beta, dims.c);
     let (node, _) = BatchNormNode::training(&row_major(&value), dims, gamma_f64, beta_f64, eps);
     Ok(x.tape().apply(node, &[x, gamma, beta])?)
 }

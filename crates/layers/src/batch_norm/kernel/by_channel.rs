@@ -271,7 +271,7 @@ mod tests {
         let m = dims.per_channel() as f64;
         let mut sums = grad_sums(dout, x, dims, &stats.mean);
         sums.centre_all(&stats.mean, m, true);
-        let [sum_dout, sum_dout_xmu, _] = sums.parts_mut(dims.c).map(|part| part.to_vec());
+        let [sum_dout, sum_dout_xmu, _] = sums.parts_mut().map(|part| part.to_vec());
         let dgamma: Vec<f64> = sum_dout_xmu.iter().zip(&inv_std).map(|(s, r)| s * r).collect();
         let k: Vec<[f64; 3]> = (0..dims.c)
             .map(|c| input_grad_coefficients(gamma[c], inv_std[c], sum_dout[c], dgamma[c], m, true))
