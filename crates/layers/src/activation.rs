@@ -2,9 +2,8 @@
 
 use tape::{Element, Var};
 
-use crate::batch_norm::Mode;
 use crate::error::Result;
-use crate::module::Module;
+use crate::module::{Mode, Module};
 use crate::param::Parameter;
 
 /// An elementwise nonlinearity with no parameters.

@@ -3,43 +3,36 @@
 
 use tape::TapeError;
 
-/// What went wrong in a layer.
+/// What went wrong in a layer, a loss or an optimizer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The input has a rank the layer does not take.
-    #[error("x has shape {got:?}, expected rank 2 to 5: (N, C) or (N, C, *spatial)")]
-    InputRank {
-        /// The input's shape.
+    /// An argument has the wrong shape (or rank).
+    #[error("{name} has shape {got:?}, expected {expected}")]
+    Shape {
+        /// The argument (`x`, `gamma`, `logits`, ...).
+        name: &'static str,
+        /// Its shape.
         got: Vec<usize>,
+        /// The shape or rank it must have, in words, with where that comes from: `[5, 4] (axis 1
+        /// holds the 4 channels of the layer)`.
+        expected: String,
     },
-    /// A per-channel argument has the wrong number of elements.
+    /// An argument has the wrong number of elements.
     #[error("{name} has {got} elements, expected {expected} ({of})")]
-    ChannelCount {
-        /// The argument (`gamma`, `beta`, `running_mean`, ...).
+    Length {
+        /// The argument (`gamma`, `running_mean`, `labels`, ...).
         name: &'static str,
         /// Its number of elements.
         got: usize,
-        /// The number of channels.
+        /// The number it must have.
         expected: usize,
         /// Where the expected number comes from, such as "channels of x".
         of: &'static str,
     },
-    /// An argument has the wrong shape.
-    #[error("{name} has shape {got:?}, expected {expected:?} ({of})")]
-    Shape {
-        /// The argument.
-        name: &'static str,
-        /// Its shape.
-        got: Vec<usize>,
-        /// The shape it must have.
-        expected: Vec<usize>,
-        /// Where the expected shape comes from, such as "the shape of x".
-        of: &'static str,
-    },
-    /// Training-mode statistics need at least two values per channel.
+    /// BatchNorm's training-mode statistics need at least two values per channel.
     #[error(
-        "expected more than 1 value per channel when training, got input of shape {shape:?} \
+        "BatchNorm in training needs more than 1 value per channel, got input of shape {shape:?} \
          ({per_channel} value per channel)"
     )]
     SingleValuePerChannel {

@@ -18,16 +18,17 @@ mod loss;
 mod module;
 mod optim;
 mod param;
+mod schedule;
 
 pub use activation::Activation;
 pub use linear::Linear;
 pub use loss::{accuracy, softmax_cross_entropy, softmax_cross_entropy_composed};
-pub use module::{Module, Sequential};
+pub use module::{Mode, Module, Sequential};
 pub use optim::{Adam, Optimizer, Sgd};
 
 pub use batch_norm::{
-    BatchNorm, BatchNormCache, BatchNormGrads, BatchNormNode, Mode, StateDict, batch_norm,
-    batch_norm_composed, batchnorm_backward, batchnorm_forward,
+    BatchNorm, BatchNormCache, BatchNormGrads, BatchNormNode, StateDict, batch_norm, batch_norm_composed,
+    batchnorm_backward, batchnorm_forward,
 };
 pub use error::{Error, Result};
 pub use param::Parameter;

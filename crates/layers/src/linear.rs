@@ -4,9 +4,8 @@ use ndarray::Array;
 use rand::Rng;
 use tape::{Element, Var};
 
-use crate::batch_norm::Mode;
 use crate::error::{Error, Result};
-use crate::module::Module;
+use crate::module::{Mode, Module};
 use crate::param::Parameter;
 
 /// `y = x · Wᵀ + b`, with `W` of shape `(out_features, in_features)` as in PyTorch.
@@ -71,9 +70,14 @@ impl<T: Element> Module<T> for Linear<T> {
         if shape.len() != 2 || shape[1] != self.in_features() {
             return Err(Error::Shape {
                 name: "x",
-                got: shape.clone(),
-                expected: vec![shape.first().copied().unwrap_or(0), self.in_features()],
-                of: "(N, in_features) for Linear",
+                expected: format!(
+                    "[{}, {}] (N rows of in_features = {} for {})",
+                    shape.first().copied().unwrap_or(0),
+                    self.in_features(),
+                    self.in_features(),
+                    self.describe()
+                ),
+                got: shape,
             });
         }
         let tape = x.tape();
@@ -137,7 +141,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             error.to_string(),
-            "x has shape [4, 5], expected [4, 3] ((N, in_features) for Linear)"
+            "x has shape [4, 5], expected [4, 3] (N rows of in_features = 3 for Linear(3 -> 2))"
         );
     }
 }

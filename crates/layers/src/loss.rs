@@ -21,17 +21,13 @@ fn as_matrix<'a, T: Element>(logits: &ArrayViewD<'a, T>) -> Result<ArrayView2<'a
         .map_err(|_| Error::Shape {
             name: "logits",
             got: logits.shape().to_vec(),
-            expected: vec![
-                logits.shape().first().copied().unwrap_or(0),
-                logits.shape().get(1).copied().unwrap_or(0),
-            ],
-            of: "(N, classes)",
+            expected: "rank 2 (N rows of class scores)".into(),
         })
 }
 
 fn check_labels(labels: &[usize], rows: usize, classes: usize) -> Result<()> {
     if labels.len() != rows {
-        return Err(Error::ChannelCount {
+        return Err(Error::Length {
             name: "labels",
             got: labels.len(),
             expected: rows,
@@ -98,7 +94,7 @@ impl<T: Element> Function<T> for SoftmaxCrossEntropy {
 /// row), as one fused node: stable for any finite logits (1e4 included), accumulated in f64.
 ///
 /// # Errors
-/// [`Error::Shape`] when `logits` is not 2-D, [`Error::ChannelCount`] when `labels` does not have
+/// [`Error::Shape`] when `logits` is not 2-D, [`Error::Length`] when `labels` does not have
 /// one entry per row, [`Error::Label`] for a label out of range.
 ///
 /// # Example

@@ -2,9 +2,18 @@
 
 use tape::{Element, Var};
 
-use crate::batch_norm::Mode;
 use crate::error::Result;
 use crate::param::Parameter;
+
+/// Whether a layer runs for training or for evaluation. Passed to every forward call: there is
+/// no global flag to forget to flip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics; running statistics are updated.
+    Train,
+    /// Running statistics (when tracked); nothing is updated.
+    Eval,
+}
 
 /// A layer: a forward pass on the tape and the parameters it trains.
 ///
@@ -102,20 +111,5 @@ impl<T: Element> Module<T> for Sequential<T> {
     fn describe(&self) -> String {
         let inner: Vec<String> = self.layers.iter().map(|layer| layer.describe()).collect();
         format!("Sequential[{}]", inner.join(", "))
-    }
-}
-
-impl<T: Element> Module<T> for crate::BatchNorm<T> {
-    fn forward<'t>(&mut self, x: Var<'t, T>, mode: Mode) -> Result<Var<'t, T>> {
-        crate::BatchNorm::forward(self, x, mode)
-    }
-    fn parameters(&self) -> Vec<&Parameter<T>> {
-        crate::BatchNorm::parameters(self)
-    }
-    fn parameters_mut(&mut self) -> Vec<&mut Parameter<T>> {
-        crate::BatchNorm::parameters_mut(self)
-    }
-    fn describe(&self) -> String {
-        format!("BatchNorm({})", self.num_features())
     }
 }

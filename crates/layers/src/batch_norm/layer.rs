@@ -10,17 +10,8 @@ use super::kernel::{self, Dims};
 use super::node::BatchNormNode;
 use super::{check_batch, check_channels, dims_of, row_major, to_f64};
 use crate::error::{Error, Result, check_non_negative};
+use crate::module::{Mode, Module};
 use crate::param::Parameter;
-
-/// Whether a layer runs for training or for evaluation. Passed to every forward call: there is
-/// no global flag to forget to flip.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Batch statistics; running statistics are updated.
-    Train,
-    /// Running statistics (when tracked); nothing is updated.
-    Eval,
-}
 
 /// A name → array map with PyTorch's `state_dict` keys (`weight`, `bias`, `running_mean`,
 /// `running_var`, `num_batches_tracked`).
@@ -164,9 +155,9 @@ impl<T: Element> BatchNorm<T> {
     /// [`Mode::Train`] also updates the running statistics.
     ///
     /// # Errors
-    /// [`Error::InputRank`], [`Error::Shape`] when axis 1 of `x` is not `num_features`,
-    /// [`Error::SingleValuePerChannel`] for one value per channel in training,
-    /// [`Error::ChannelCount`] when the running statistics or parameters were replaced by
+    /// [`Error::Shape`] for a rank other than 2 to 5 or when axis 1 of `x` is not
+    /// `num_features`, [`Error::SingleValuePerChannel`] for one value per channel in training,
+    /// [`Error::Length`] when the running statistics or parameters were replaced by
     /// arrays of the wrong size.
     pub fn forward<'t>(&mut self, x: Var<'t, T>, mode: Mode) -> Result<Var<'t, T>> {
         let tape = x.tape();
@@ -178,8 +169,10 @@ impl<T: Element> BatchNorm<T> {
             return Err(Error::Shape {
                 name: "x",
                 got: value.shape().to_vec(),
-                expected,
-                of: "axis 1 holds num_features channels",
+                expected: format!(
+                    "{expected:?} (axis 1 holds the {} channels of the layer)",
+                    self.num_features
+                ),
             });
         }
         check_channels("weight", self.weight.value.shape(), dims.c)?;
@@ -262,7 +255,7 @@ impl<T: Element> BatchNorm<T> {
     /// under the same keys). Keys the layer does not use are ignored.
     ///
     /// # Errors
-    /// [`Error::MissingKey`] when a key the layer needs is absent, [`Error::ChannelCount`] or
+    /// [`Error::MissingKey`] when a key the layer needs is absent, [`Error::Length`] or
     /// [`Error::Shape`] when an array does not have `num_features` elements. Nothing is changed
     /// on error.
     pub fn load_state_dict(&mut self, state: &StateDict<T>) -> Result<()> {
@@ -293,8 +286,7 @@ impl<T: Element> BatchNorm<T> {
                     return Err(Error::Shape {
                         name: "num_batches_tracked",
                         got: other.to_vec(),
-                        expected: vec![],
-                        of: "a single count",
+                        expected: "[] (a single count)".into(),
                     });
                 }
             };
@@ -309,6 +301,21 @@ impl<T: Element> BatchNorm<T> {
         }
         *self = loaded;
         Ok(())
+    }
+}
+
+impl<T: Element> Module<T> for BatchNorm<T> {
+    fn forward<'t>(&mut self, x: Var<'t, T>, mode: Mode) -> Result<Var<'t, T>> {
+        BatchNorm::forward(self, x, mode)
+    }
+    fn parameters(&self) -> Vec<&Parameter<T>> {
+        BatchNorm::parameters(self)
+    }
+    fn parameters_mut(&mut self) -> Vec<&mut Parameter<T>> {
+        BatchNorm::parameters_mut(self)
+    }
+    fn describe(&self) -> String {
+        format!("BatchNorm({})", self.num_features())
     }
 }
 
@@ -443,11 +450,11 @@ mod tests {
         };
         assert_eq!(
             message(&mut bn, Array2::zeros((1, 4)), Mode::Train),
-            "expected more than 1 value per channel when training, got input of shape [1, 4] (1 value per channel)"
+            "BatchNorm in training needs more than 1 value per channel, got input of shape [1, 4] (1 value per channel)"
         );
         assert_eq!(
             message(&mut bn, Array2::zeros((5, 3)), Mode::Train),
-            "x has shape [5, 3], expected [5, 4] (axis 1 holds num_features channels)"
+            "x has shape [5, 3], expected [5, 4] (axis 1 holds the 4 channels of the layer)"
         );
         bn.running_var = Array1::ones(3);
         assert_eq!(

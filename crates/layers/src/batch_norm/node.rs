@@ -5,38 +5,32 @@
 use ndarray::{Array1, ArrayD, ArrayViewD};
 use tape::{BackwardArgs, Element, Function, TapeError, Var};
 
-use super::kernel::{self, Dims};
-use super::{
-    check_channels, check_training_inputs, dims_of, from_f64, gradients, normalize, normalize_batch,
-    row_major, shaped, to_f64, to_f64_joined,
-};
+use super::kernel::{self, Dims, Saved};
+use super::{check_channels, check_training_inputs, dims_of, from_f64, row_major, shaped, to_f64};
 use crate::error::{Error, Result};
 
 /// The fused BatchNorm node: inputs `x`, `gamma`, `beta`; saved state only the per-channel mean
-/// (`C` values of `T`) and inverse standard deviation (`C` values of `f64`).
+/// and inverse standard deviation (`C` values of `f64` each).
 ///
 /// Made by [`batch_norm`] (batch statistics, training mode) or by the
 /// [`BatchNorm`](crate::BatchNorm) layer (which also makes evaluation-mode nodes from its running
 /// statistics). Implemented with the tape's public custom-op API, [`tape::Function`].
 #[derive(Debug, Clone)]
 pub struct BatchNormNode<T> {
-    /// The mean `x` is normalized with, rounded to `T` (exact for a running mean, which is a
-    /// `T`). Backward recovers the digits a batch mean lost from `x` itself, in a sum its pass
-    /// makes anyway (see `gradients`): for f32 this halves the mean's bytes.
-    mean: Vec<T>,
+    mean: Vec<f64>,
     inv_std: Vec<f64>,
     /// True when `mean` and `inv_std` are the batch's own statistics (so `x` reaches the output
     /// through them too), false for evaluation with running statistics.
     batch_stats: bool,
     /// The output, when it was computed together with the statistics (training): `forward`
-    /// hands it to the tape instead of computing it again. Taken there, so never kept.
+    /// hands it to the tape instead of computing it again.
     output: Option<Vec<T>>,
 }
 
 impl<T: Element> BatchNormNode<T> {
     /// A node normalizing with the given per-channel statistics. `batch_stats` says whether they
     /// are `x`'s own (training: the backward includes the paths through them) or constants.
-    pub(crate) fn new(mean: Vec<T>, inv_std: Vec<f64>, batch_stats: bool) -> Self {
+    pub(crate) fn new(mean: Vec<f64>, inv_std: Vec<f64>, batch_stats: bool) -> Self {
         BatchNormNode {
             mean,
             inv_std,
@@ -47,9 +41,7 @@ impl<T: Element> BatchNormNode<T> {
 
     /// A training-mode node for input `x` (row-major, checked to be `dims`) with parameters
     /// `gamma` and `beta`, which the node must then be applied to; and the batch statistics.
-    ///
-    /// The statistics and the output are computed here, in one job on the thread pool (see
-    /// [`kernel::on_pool`]): the two passes cost one hand-off to the pool instead of two.
+    /// The statistics and the output are computed together, here.
     pub(crate) fn training(
         x: &[T],
         dims: Dims,
@@ -57,14 +49,10 @@ impl<T: Element> BatchNormNode<T> {
         beta: &[f64],
         eps: f64,
     ) -> (Self, kernel::Stats) {
-        let (stats, inv_std, out) = normalize_batch(x, dims, gamma, beta, eps);
+        let (stats, inv_std, out) = kernel::forward_batch(x, dims, gamma, beta, eps);
         let node = BatchNormNode {
             output: Some(out),
-            ..Self::new(
-                stats.mean.iter().map(|&m| T::from_f64_lossy(m)).collect(),
-                inv_std,
-                true,
-            )
+            ..Self::new(stats.mean.clone(), inv_std, true)
         };
         (node, stats)
     }
@@ -72,7 +60,7 @@ impl<T: Element> BatchNormNode<T> {
     /// An evaluation-mode node: normalizes with running statistics, constants for backward.
     pub(crate) fn from_running(running_mean: &Array1<T>, running_var: &Array1<T>, eps: f64) -> Self {
         let inv_std = kernel::inv_std(&to_f64(running_var), eps);
-        Self::new(row_major(running_mean).into_owned(), inv_std, false)
+        Self::new(to_f64(running_mean), inv_std, false)
     }
 
     fn check(&self, x: &[usize], gamma: &[usize], beta: &[usize]) -> Result<Dims> {
@@ -80,7 +68,7 @@ impl<T: Element> BatchNormNode<T> {
         check_channels("gamma", gamma, dims.c)?;
         check_channels("beta", beta, dims.c)?;
         if self.mean.len() != dims.c {
-            return Err(Error::ChannelCount {
+            return Err(Error::Length {
                 name: "mean",
                 got: self.mean.len(),
                 expected: dims.c,
@@ -121,18 +109,9 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
                     format!("the node's output has {} values, x has {}", out.len(), x.len()),
                 ));
             }
-            // A training node's mean is rounded (backward recovers it from `x`): the output it
-            // was made with is the only one it has.
-            None if self.batch_stats => {
-                return Err(TapeError::op(
-                    "batch_norm",
-                    "this training node's output was already used; make a new node for each call",
-                ));
-            }
             None => {
-                let per_channel = to_f64_joined([&row_major(gamma), &row_major(beta), &self.mean]);
-                let [gamma, beta, mean] = kernel::parts(&per_channel, dims.c);
-                normalize(&row_major(x), dims, gamma, beta, mean, &self.inv_std)
+                let (gamma, beta) = (to_f64(gamma), to_f64(beta));
+                kernel::forward_with(&row_major(x), dims, (&gamma, &beta), &self.mean, &self.inv_std)
             }
         };
         Ok(shaped(out, x.raw_dim()))
@@ -142,29 +121,25 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
         let [x, gamma, _] = args.inputs else {
             return Err(TapeError::op("batch_norm", "backward takes the 3 forward inputs"));
         };
+        let saved = Saved {
+            gamma: &to_f64(gamma),
+            mean: &self.mean,
+            inv_std: &self.inv_std,
+            batch_stats: self.batch_stats,
+        };
         let dims = Dims::of(x.shape());
-        let gamma_and_mean = to_f64_joined([&row_major(gamma), &self.mean]);
-        let [gamma, mean] = kernel::parts(&gamma_and_mean, dims.c);
-        let (dx, params) = gradients(
-            &row_major(&args.grad_output),
-            &row_major(x),
-            dims,
-            gamma,
-            mean,
-            &self.inv_std,
-            self.batch_stats,
-            args.needs_grad[0],
-        );
+        let (dout, x_values) = (row_major(&args.grad_output), row_major(x));
+        let grads = kernel::backward(&dout, &x_values, dims, saved, args.needs_grad[0]);
         let channel = |values: &[f64]| from_f64::<T>(values).into_dyn();
         Ok(vec![
-            dx.map(|dx| shaped(dx, x.raw_dim())),
-            args.needs_grad[1].then(|| channel(params.dgamma())),
-            args.needs_grad[2].then(|| channel(params.dbeta())),
+            grads.dx.map(|dx| shaped(dx, x.raw_dim())),
+            args.needs_grad[1].then(|| channel(&grads.dgamma)),
+            args.needs_grad[2].then(|| channel(&grads.dbeta)),
         ])
     }
 
     fn saved_bytes(&self) -> usize {
-        self.mean.len() * std::mem::size_of::<T>() + self.inv_std.len() * std::mem::size_of::<f64>()
+        (self.mean.len() + self.inv_std.len()) * std::mem::size_of::<f64>()
     }
 }
 
@@ -200,9 +175,8 @@ pub fn batch_norm<'t, T: Element>(
 ) -> Result<Var<'t, T>> {
     let (value, gamma_value, beta_value) = (x.value(), gamma.value(), beta.value());
     let dims = check_training_inputs(value.shape(), gamma_value.shape(), beta_value.shape(), eps)?;
-    let gamma_and_beta = to_f64_joined([&row_major(&gamma_value), &row_major(&beta_value)]);
-    let [gamma_f64, beta_f64] = kernel::parts(&gamma_and_beta, dims.c);
-    let (node, _) = BatchNormNode::training(&row_major(&value), dims, gamma_f64, beta_f64, eps);
+    let (gamma_f64, beta_f64) = (to_f64(&gamma_value), to_f64(&beta_value));
+    let (node, _) = BatchNormNode::training(&row_major(&value), dims, &gamma_f64, &beta_f64, eps);
     Ok(x.tape().apply(node, &[x, gamma, beta])?)
 }
 
@@ -307,8 +281,8 @@ mod tests {
         let before = tape.saved_bytes();
         let _ = batch_norm(x, gamma, beta, 1e-5).unwrap();
         let fused = tape.saved_bytes() - before;
-        // The output (which the tape keeps for any node) plus the mean in f32 and inv_std in f64.
-        assert_eq!(fused, 256 * 16 * 4 + 16 * 4 + 16 * 8);
+        // The output (which the tape keeps for any node) plus the mean and inv_std in f64.
+        assert_eq!(fused, 256 * 16 * 4 + 16 * 8 + 16 * 8);
         let before = tape.saved_bytes();
         let _ = batch_norm_composed(x, gamma, beta, 1e-5).unwrap();
         let composed = tape.saved_bytes() - before;
@@ -379,13 +353,6 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "batch_norm: takes 3 inputs (x, gamma, beta), got 2"
-        );
-        // A training node without its output (its mean is rounded to `T`) does not make one up.
-        let gamma = tape.var(array![1.0, 1.0, 1.0]);
-        let error = tape.apply(node, &[x, gamma, beta]).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "batch_norm: this training node's output was already used; make a new node for each call"
         );
     }
 }
