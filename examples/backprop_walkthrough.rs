@@ -1,10 +1,13 @@
-//! Backprop, step by step, on the seed's Example 3: BatchNorm composed from tape primitives,
-//! every node with its value and its gradient in the order backward visits them, then the fused
-//! node's result beside it.
+//! Backprop, step by step, on BatchNorm composed from tape primitives: every node with its value
+//! and its gradient in the order backward visits them, with the rule each op applies, then the
+//! fused node's result beside it. First a constant upstream gradient, which gives `dx = 0`, then
+//! an uneven one.
 //!
 //! ```sh
 //! cargo run --release --example backprop_walkthrough
 //! ```
+
+use std::collections::HashMap;
 
 use ndarray::{Array2, ArrayD, array};
 use tape::{Gradients, Tape, Var};
@@ -12,7 +15,6 @@ use tape::{Gradients, Tape, Var};
 /// What each primitive passes back to its inputs, in words (the chain rule, one op at a time).
 fn rule(op: &str) -> &'static str {
     match op {
-        "var" => "a leaf: its gradient is the answer",
         "mean" => "spreads g evenly: each of the M inputs gets g / M",
         "sub" => "passes g to the left, -g to the right (summed over broadcast axes)",
         "mul" => "each side gets g times the other side (summed over broadcast axes)",
@@ -32,34 +34,37 @@ fn line(a: &ArrayD<f64>) -> String {
 
 fn walk(title: &str, x: Array2<f64>, dout: Array2<f64>) -> Result<(), layers::Error> {
     println!("\n=== {title}");
-    println!(
-        "x = {}, gamma = [1, 1], beta = [0, 0], eps = 1e-5, dout = {}",
-        line(&x.clone().into_dyn()),
-        line(&dout.clone().into_dyn())
-    );
+    println!("x = {}", line(&x.clone().into_dyn()));
+    println!("gamma = [1, 1], beta = [0, 0], eps = 1e-5");
+    println!("dout = {}", line(&dout.clone().into_dyn()));
 
     let tape = Tape::<f64>::new();
-    let (vx, vg, vb) = (
+    let (vx, vgamma, vbeta) = (
         tape.var(x.clone()),
         tape.var(array![1.0, 1.0]),
         tape.var(array![0.0, 0.0]),
     );
-    let out = layers::batch_norm_composed(vx, vg, vb, 1e-5)?;
+    let names = HashMap::from([
+        (vx.index(), "x"),
+        (vgamma.index(), "gamma"),
+        (vbeta.index(), "beta"),
+    ]);
+    let out = layers::batch_norm_composed(vx, vgamma, vbeta, 1e-5)?;
     let grads = out.backward_with(dout.clone())?;
 
     println!("\nBackward visits the nodes from the output back to the leaves:");
     for var in tape.vars().iter().rev() {
-        print_node(var, &grads);
+        print_node(var, &grads, &names);
     }
 
     // The fused node: one op, one hand-written backward, the same numbers.
     let fused_tape = Tape::<f64>::new();
-    let (fx, fg, fb) = (
+    let (fx, fgamma, fbeta) = (
         fused_tape.var(x),
         fused_tape.var(array![1.0, 1.0]),
         fused_tape.var(array![0.0, 0.0]),
     );
-    let fused = layers::batch_norm(fx, fg, fb, 1e-5)?;
+    let fused = layers::batch_norm(fx, fgamma, fbeta, 1e-5)?;
     let fused_grads = fused.backward_with(dout)?;
     println!(
         "\nThe fused node ({} nodes on its tape instead of {}):",
@@ -73,38 +78,41 @@ fn walk(title: &str, x: Array2<f64>, dout: Array2<f64>) -> Result<(), layers::Er
             fused.value().as_ref().clone(),
         ),
         ("dx", grads.wrt(vx)?.clone(), fused_grads.wrt(fx)?.clone()),
-        ("dgamma", grads.wrt(vg)?.clone(), fused_grads.wrt(fg)?.clone()),
-        ("dbeta", grads.wrt(vb)?.clone(), fused_grads.wrt(fb)?.clone()),
+        (
+            "dgamma",
+            grads.wrt(vgamma)?.clone(),
+            fused_grads.wrt(fgamma)?.clone(),
+        ),
+        (
+            "dbeta",
+            grads.wrt(vbeta)?.clone(),
+            fused_grads.wrt(fbeta)?.clone(),
+        ),
     ] {
         let difference = (&composed - &fused).iter().fold(0.0f64, |m, d| m.max(d.abs()));
-        println!(
-            "  {name:>6}: composed {:<40} fused {:<40} |difference| <= {difference:.1e}",
-            line(&composed),
-            line(&fused)
-        );
+        println!("  {name:>6}: composed {}", line(&composed));
+        println!("  {:>6}  fused    {}", "", line(&fused));
+        println!("  {:>6}  |difference| <= {difference:.1e}", "");
     }
     Ok(())
 }
 
-fn print_node(var: &Var<'_, f64>, grads: &Gradients<f64>) {
+/// One node: its index, what made it (a named leaf, or an op of earlier nodes), its value and
+/// gradient, and the rule its backward applies.
+fn print_node(var: &Var<'_, f64>, grads: &Gradients<f64>, names: &HashMap<usize, &str>) {
     let op = var.op_name();
-    let inputs = var.inputs();
-    let from = if inputs.is_empty() {
-        String::new()
-    } else {
-        format!("of {inputs:?}")
+    let what = match names.get(&var.index()) {
+        Some(name) => format!("leaf {name}"),
+        None if var.inputs().is_empty() => format!("{op} (a constant)"),
+        None => format!("{op} of {:?}", var.inputs()),
     };
     let grad = grads.get(*var).map_or("(none: a constant)".to_string(), line);
-    println!(
-        "  #{:<2} {:<10} {:<10} value {:<36} grad {grad}",
-        var.index(),
-        op,
-        from,
-        line(&var.value())
-    );
+    println!("  #{:<2} {what}", var.index());
+    println!("      value {}", line(&var.value()));
+    println!("      grad  {grad}");
     let explanation = rule(&op);
-    if !explanation.is_empty() && op != "var" {
-        println!("      {:<21} backward: {explanation}", "");
+    if !explanation.is_empty() {
+        println!("      backward: {explanation}");
     }
 }
 
@@ -113,27 +121,33 @@ fn main() -> Result<(), layers::Error> {
     println!("Composed from primitives, the tape derives every gradient by the chain rule.");
 
     walk(
-        "The seed's Example 3: x is 2 x 2, dout is all ones",
+        "A constant upstream gradient gives dx = 0 (x is 2 x 2, dout is all ones)",
         array![[1.0, 2.0], [3.0, 4.0]],
         Array2::ones((2, 2)),
     )?;
-    println!(
-        "\nWhy dx = 0 here: a constant upstream gradient asks to move every output the same way, \
-         but the outputs of a column always have mean 0 and variance 1, so no change of x can \
-         do that. dbeta = column sums of dout = [2, 2]; dgamma = sum of dout * x_hat = [0, 0]. \
-         More generally dx = 0 whenever a column of dout is a + b * x_hat (a shift and a \
-         rescaling of the outputs, which normalization undoes); with two rows every dout is."
-    );
+    for text in [
+        "",
+        "Why dx = 0 here: a constant upstream gradient asks to move every output of a column the",
+        "same way, but the outputs of a column always have mean 0 and variance 1, so no change of x",
+        "can do that. dbeta = column sums of dout = [2, 2]; dgamma = sum of dout * x_hat = [0, 0].",
+        "More generally dx = 0 whenever a column of dout is a + b * x_hat (a shift and a rescaling of",
+        "the outputs, which normalization undoes); with two rows every dout is.",
+    ] {
+        println!("{text}");
+    }
 
     walk(
-        "Three rows (the seed's Example 1 input) and an uneven upstream gradient",
+        "Three rows and an uneven upstream gradient: dx is not zero",
         array![[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]],
         array![[0.5, -1.0], [2.0, 0.75], [-0.3, 0.5]],
     )?;
-    println!(
-        "\nNow dx is not zero, and each column of dx still sums to 0: the fused backward computes it \
-         in one formula, dx = gamma / std * (dout - mean(dout) - x_hat * mean(dout * x_hat)), \
-         derived in crates/layers/src/batch_norm/mod.rs."
-    );
+    for text in [
+        "",
+        "Each column of dx still sums to 0. The fused backward computes it in one formula,",
+        "  dx = gamma / std * (dout - mean(dout) - x_hat * mean(dout * x_hat)),",
+        "derived in crates/layers/src/batch_norm/mod.rs.",
+    ] {
+        println!("{text}");
+    }
     Ok(())
 }

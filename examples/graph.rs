@@ -38,7 +38,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
 
-    // The seed's Example 1 input: 3 rows, 2 features.
+    // 3 rows, 2 features.
     let x = array![[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]];
     let (gamma, beta) = (array![1.0, 1.0], array![0.0, 0.0]);
 
@@ -52,13 +52,16 @@ fn run() -> Result<(), Box<dyn Error>> {
     let fused = Tape::<f64>::new();
     let z = layers::batch_norm(fused.var(x), fused.var(gamma), fused.var(beta), 1e-5)?;
     println!(
-        "composed: {} nodes, {} bytes kept for backward; fused: {} nodes, {} bytes (same output: {})",
+        "composed: {} nodes, {} bytes kept for backward",
         composed.len(),
-        composed.saved_bytes(),
-        fused.len(),
-        fused.saved_bytes(),
-        y.value().abs_diff_eq(&z.value(), 1e-12)
+        composed.saved_bytes()
     );
+    println!(
+        "fused:    {} nodes, {} bytes kept for backward",
+        fused.len(),
+        fused.saved_bytes()
+    );
+    println!("same output: {}", y.value().abs_diff_eq(&z.value(), 1e-12));
 
     for (name, tape) in [("batchnorm_composed", &composed), ("batchnorm_fused", &fused)] {
         let dot_path = args.out.join(format!("{name}.dot"));
@@ -81,13 +84,14 @@ fn render(dot_path: &Path) -> Result<(), Box<dyn Error>> {
     {
         Ok(status) if status.success() => println!("wrote {} and {}", dot_path.display(), svg_path.display()),
         Ok(status) => return Err(format!("dot failed on {} ({status})", dot_path.display()).into()),
-        Err(_) => println!(
-            "wrote {}; Graphviz's `dot` is not installed, so render it with \
-             `dot -Tsvg {} -o {}` after installing Graphviz (apt-get install graphviz)",
-            dot_path.display(),
-            dot_path.display(),
-            svg_path.display()
-        ),
+        Err(_) => {
+            println!(
+                "wrote {}; Graphviz's `dot` is not installed. Install it",
+                dot_path.display()
+            );
+            println!("(apt-get install graphviz) and render it with");
+            println!("  dot -Tsvg {} -o {}", dot_path.display(), svg_path.display());
+        }
     }
     Ok(())
 }

@@ -1,13 +1,37 @@
 //! A tour of the tape: build a small graph, run it forward and backward, read gradients, and
 //! check them against finite differences.
 //!
-//! Run with `cargo run --release --example tape_tour`.
+//! ```sh
+//! cargo run --release --example tape_tour
+//! ```
 
 use ndarray::array;
 use tape::{GradCheck, Tape};
 
+const USAGE: &str = "\
+A tour of the tape: a one-layer net on two examples, forward, backward, and the gradient checker.
+
+    loss = mean((tanh(x · W + b) - y)²)
+
+with x (2 x 3) and y (2 x 2) constants, and W (3 x 2) and b (2) trainable. Prints the loss, the
+gradients dL/dW and dL/db, the gradient checker's report and the graph in Graphviz DOT.
+
+Usage: cargo run --release --example tape_tour [-- --help]";
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // A one-layer net on two examples: loss = mean((tanh(x·W + b) - y)²).
+    match std::env::args().nth(1).as_deref() {
+        None => {}
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            return Ok(());
+        }
+        Some(other) => {
+            eprintln!("error: unexpected argument {other:?}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    }
+
+    println!("loss = mean((tanh(x · W + b) - y)²), a one-layer net on two examples");
     let tape = Tape::<f64>::new();
     let x = tape.constant(array![[0.5, -1.0, 2.0], [1.5, 0.3, -0.7]]);
     let w = tape.var(array![[0.1, -0.2], [0.4, 0.3], [-0.5, 0.2]]);

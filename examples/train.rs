@@ -132,23 +132,8 @@ fn run() -> Result<(), Box<dyn Error>> {
     }
 
     println!();
-    println!("| run | learning rate | final test accuracy | steps to 90% | wall time |");
-    println!("|---|---:|---:|---:|---:|");
-    for r in &results {
-        let to_90 = r.steps_to_90.map_or("never".to_string(), |s| s.to_string());
-        println!(
-            "| {} | {} | {:.1}% | {} | {:.2} s |",
-            if r.config.batchnorm {
-                "with BatchNorm"
-            } else {
-                "without BatchNorm"
-            },
-            r.config.learning_rate,
-            100.0 * r.final_test_accuracy(),
-            to_90,
-            r.seconds
-        );
-    }
+    print_table(&results);
+    println!();
 
     std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
     let png = args.out.join("accuracy.png");
@@ -161,8 +146,73 @@ fn run() -> Result<(), Box<dyn Error>> {
         serde_json::to_string_pretty(&train::summary_json(&results))? + "\n",
     )
     .map_err(|e| format!("cannot write {}: {e}", summary.display()))?;
-    println!("\nwrote {}, {} and {}", shown(&png), shown(&svg), shown(&summary));
+    println!("wrote {}, {} and {}", shown(&png), shown(&svg), shown(&summary));
     Ok(())
+}
+
+/// The results as a table whose columns line up in a terminal (and read as Markdown).
+fn print_table(results: &[RunResult]) {
+    let header = [
+        "run",
+        "learning rate",
+        "final test accuracy",
+        "steps to 90%",
+        "wall time",
+    ];
+    let rows: Vec<[String; 5]> = results
+        .iter()
+        .map(|r| {
+            let run = if r.config.batchnorm {
+                "with BatchNorm"
+            } else {
+                "without BatchNorm"
+            };
+            [
+                run.to_string(),
+                r.config.learning_rate.to_string(),
+                format!("{:.1}%", 100.0 * r.final_test_accuracy()),
+                r.steps_to_90.map_or("never".to_string(), |s| s.to_string()),
+                format!("{:.2} s", r.seconds),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|row| row[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    // The first column is left-aligned, the numbers right-aligned.
+    let cell = |i: usize, text: &str| {
+        if i == 0 {
+            format!(" {text:<width$} ", width = widths[i])
+        } else {
+            format!(" {text:>width$} ", width = widths[i])
+        }
+    };
+    let line = |cells: Vec<String>| format!("|{}|", cells.join("|"));
+    println!(
+        "{}",
+        line(header.iter().enumerate().map(|(i, h)| cell(i, h)).collect())
+    );
+    let rule = |i: usize| {
+        let dashes = "-".repeat(widths[i]);
+        if i == 0 {
+            format!(" {dashes} ")
+        } else {
+            format!(" {dashes}:")
+        }
+    };
+    println!("{}", line((0..header.len()).map(rule).collect()));
+    for row in &rows {
+        println!(
+            "{}",
+            line(row.iter().enumerate().map(|(i, c)| cell(i, c)).collect())
+        );
+    }
 }
 
 fn shown(path: &Path) -> String {

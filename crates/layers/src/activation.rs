@@ -56,10 +56,7 @@ mod tests {
             });
             assert!(y.value().abs_diff_eq(&expected, 1e-15));
             check_gradients(
-                |_, v| {
-                    Module::<f64>::forward(&mut { activation }, v[0], Mode::Train)
-                        .map_err(|e| tape::TapeError::op("act", e))
-                },
+                |_, v| Ok(Module::<f64>::forward(&mut activation, v[0], Mode::Train)?),
                 std::slice::from_ref(&x),
             )
             .unwrap();

@@ -84,6 +84,18 @@ pub enum Error {
     Tape(#[from] TapeError),
 }
 
+/// A layer's error as a tape error, so that `?` passes it on where a [`TapeError`] is expected
+/// (in a closure given to [`tape::check_gradients`], say): a tape error as it was, any other
+/// kept as the source of a [`TapeError::Op`] named `layers`.
+impl From<Error> for TapeError {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Tape(inner) => inner,
+            other => TapeError::op("layers", other),
+        }
+    }
+}
+
 /// Shorthand for `Result<T, layers::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -1,14 +1,47 @@
-//! Batch Normalization as one fused tape node, and the layers a small net needs.
+//! Neural-net layers on the [`tape`]: Batch Normalization as one fused node with a hand-written
+//! backward, and what a small net needs around it.
 //!
-//! - [`batchnorm_forward`] / [`batchnorm_backward`]: the seed task's functions, on arrays.
-//! - [`batch_norm()`]: one fused node on a [`tape::Tape`], with a hand-written backward;
+//! - [`batchnorm_forward`] / [`batchnorm_backward`]: BatchNorm on arrays, returning a cache and
+//!   the three gradients.
+//! - [`batch_norm()`]: one fused node on a [`Tape`](tape::Tape), with a hand-written backward;
 //!   [`batch_norm_composed`]: the same from tape primitives, to check it against.
 //! - [`BatchNorm`]: the layer, with running statistics and PyTorch's semantics.
-//!
 //! - For small nets: [`Linear`], [`Activation`], [`Sequential`] (all [`Module`]s), the fused
 //!   [`softmax_cross_entropy`] loss, and the [`Sgd`] and [`Adam`] optimizers.
 //!
 //! See the [`batch_norm`](mod@batch_norm) module for the derivation and the conventions.
+//!
+//! # Using it from your crate
+//! `use layers::prelude::*` brings the types of a training loop into scope. This crate
+//! re-exports the [`tape`], [`ndarray`] and [`rand`] crates it is built with, so arrays and
+//! random generators made through them always fit its API (a `rand` of another version in
+//! your own `Cargo.toml` would give generators of another `Rng` trait).
+//!
+//! ```
+//! use layers::prelude::*;
+//!
+//! let mut rng = StdRng::seed_from_u64(0);
+//! let mut net = Sequential::<f64>::new()
+//!     .push(Linear::new(2, 8, &mut rng))
+//!     .push(BatchNorm::new(8))
+//!     .push(Activation::Tanh)
+//!     .push(Linear::new(8, 2, &mut rng));
+//! let mut opt = Sgd::new(0.1, 0.9);
+//! let x = array![[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]];
+//! let labels = [0, 1, 1, 0];
+//! for _ in 0..100 {
+//!     let tape = Tape::new();
+//!     let logits = net.forward(tape.constant(x.clone()), Mode::Train)?;
+//!     let loss = softmax_cross_entropy(logits, &labels)?;
+//!     let grads = loss.backward()?;
+//!     opt.step(net.parameters_mut(), &grads)?;
+//! }
+//! // Evaluation: BatchNorm normalizes with its running statistics.
+//! let tape = Tape::new();
+//! let logits = net.forward(tape.constant(x), Mode::Eval)?;
+//! assert_eq!(accuracy(&logits.value(), &labels)?, 1.0);
+//! # Ok::<(), layers::Error>(())
+//! ```
 
 mod activation;
 pub mod batch_norm;
@@ -32,3 +65,19 @@ pub use batch_norm::{
 };
 pub use error::{Error, Result};
 pub use param::Parameter;
+pub use {ndarray, rand, tape};
+
+/// What a training loop needs, in one `use layers::prelude::*`: the tape, the layers, the loss,
+/// the optimizers, the gradient checker, `ndarray`'s `array!` and array types, and a seedable
+/// random generator.
+pub mod prelude {
+    pub use ndarray::{Array1, Array2, ArrayD, array};
+    pub use rand::SeedableRng;
+    pub use rand::rngs::StdRng;
+    pub use tape::{GradCheck, Gradients, Tape, Var, check_gradients};
+
+    pub use crate::{
+        Activation, Adam, BatchNorm, Linear, Mode, Module, Optimizer, Sequential, Sgd, accuracy, batch_norm,
+        softmax_cross_entropy,
+    };
+}

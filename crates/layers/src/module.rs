@@ -40,20 +40,25 @@ pub trait Module<T: Element> {
 ///
 /// # Example
 /// ```
-/// use layers::{Activation, BatchNorm, Linear, Mode, Module, Sequential};
-/// use rand::SeedableRng;
+/// use layers::prelude::*;
 ///
-/// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+/// let mut rng = StdRng::seed_from_u64(0);
 /// let mut net = Sequential::<f64>::new()
 ///     .push(Linear::new(4, 8, &mut rng))
 ///     .push(BatchNorm::new(8))
 ///     .push(Activation::Relu)
 ///     .push(Linear::new(8, 3, &mut rng));
-/// let tape = tape::Tape::new();
-/// let x = tape.constant(ndarray::Array2::<f64>::ones((5, 4)));
+/// assert_eq!(net.parameters().len(), 6); // two weights, two biases, BatchNorm's gamma and beta
+///
+/// // One training step: forward on a new tape, loss, backward, update.
+/// let mut opt = Sgd::new(0.1, 0.9);
+/// let tape = Tape::new();
+/// let x = tape.constant(Array2::from_shape_fn((5, 4), |(i, j)| (i + 2 * j) as f64 / 7.0));
 /// let logits = net.forward(x, Mode::Train)?;
 /// assert_eq!(logits.shape(), vec![5, 3]);
-/// assert_eq!(net.parameters().len(), 6); // two weights, two biases, BatchNorm's gamma and beta
+/// let loss = softmax_cross_entropy(logits, &[0, 2, 1, 1, 0])?;
+/// let grads = loss.backward()?;
+/// opt.step(net.parameters_mut(), &grads)?;
 /// # Ok::<(), layers::Error>(())
 /// ```
 pub struct Sequential<T: Element> {

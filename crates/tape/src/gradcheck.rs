@@ -133,7 +133,10 @@ impl GradCheck {
     /// Checks the tape's gradients of `f` at `inputs` against central differences.
     ///
     /// `f` receives a fresh tape and one trainable [`Var`] per input, and returns the output.
-    /// It is called once for the analytic gradient and twice per input element.
+    /// It is called once for the analytic gradient and twice per input element, one call after
+    /// the other, so it may change what it captures: a layer's `forward`, which takes `&mut
+    /// self`, can be called in it as it is. An error of another crate that converts into
+    /// [`TapeError`] (the `layers` crate's does) passes through `?`.
     ///
     /// # Errors
     /// [`GradCheckError::Mismatch`] naming the worst element when any is out of tolerance,
@@ -151,9 +154,9 @@ impl GradCheck {
     ///     .expect("matmul and tanh have correct gradients");
     /// assert_eq!(report.checked, 6);
     /// ```
-    pub fn run<F>(&self, f: F, inputs: &[ArrayD<f64>]) -> Result<GradCheckReport, GradCheckError>
+    pub fn run<F>(&self, mut f: F, inputs: &[ArrayD<f64>]) -> Result<GradCheckReport, GradCheckError>
     where
-        F: for<'t> Fn(&'t Tape<f64>, &[Var<'t, f64>]) -> Result<Var<'t, f64>, TapeError>,
+        F: for<'t> FnMut(&'t Tape<f64>, &[Var<'t, f64>]) -> Result<Var<'t, f64>, TapeError>,
     {
         if inputs.is_empty() {
             return Err(GradCheckError::NoInputs);
@@ -178,7 +181,7 @@ impl GradCheck {
 
         // The loss L = sum(f(inputs) · w) at perturbed inputs.
         let mut working: Vec<ArrayD<f64>> = inputs.to_vec();
-        let loss = |working: &[ArrayD<f64>]| -> Result<f64, GradCheckError> {
+        let mut loss = |working: &[ArrayD<f64>]| -> Result<f64, GradCheckError> {
             let tape = Tape::new();
             let vars: Vec<_> = working.iter().map(|x| tape.var(x.clone())).collect();
             let value = f(&tape, &vars)?.value();
@@ -292,9 +295,51 @@ impl GradCheck {
 /// let x = array![0.5, -1.0, 2.0].into_dyn();
 /// tape::check_gradients(|_, v| Ok(v[0].sigmoid() * v[0]), &[x]).expect("x·σ(x) checks out");
 /// ```
+///
+/// # Example: checking a layer
+/// A layer's `forward` usually takes `&mut self` and returns the layer crate's own error. The
+/// closure may call it as it is, and pass its error on with `?` wherever that error converts into
+/// [`TapeError`] (the `layers` crate's does: there it reads `|_, v| Ok(bn.forward(v[0],
+/// Mode::Eval)?)`).
+/// ```
+/// use ndarray::array;
+/// use tape::{TapeError, Var};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("scale: {0}")]
+/// struct LayerError(String);
+///
+/// impl From<LayerError> for TapeError {
+///     fn from(error: LayerError) -> Self {
+///         TapeError::op("scale", error)
+///     }
+/// }
+///
+/// /// `y = factor · tanh(x)`, counting its calls.
+/// struct Scale {
+///     factor: f64,
+///     calls: usize,
+/// }
+///
+/// impl Scale {
+///     fn forward<'t>(&mut self, x: Var<'t, f64>) -> Result<Var<'t, f64>, LayerError> {
+///         self.calls += 1;
+///         if x.shape().len() != 1 {
+///             return Err(LayerError(format!("x has shape {:?}, expected rank 1", x.shape())));
+///         }
+///         Ok(x.tanh() * self.factor)
+///     }
+/// }
+///
+/// let mut layer = Scale { factor: 1.5, calls: 0 };
+/// let report = tape::check_gradients(|_, v| Ok(layer.forward(v[0])?), &[array![0.3, -0.8].into_dyn()])?;
+/// // One call for the analytic gradient, two for each of the two elements.
+/// assert_eq!((report.checked, layer.calls), (2, 5));
+/// # Ok::<(), tape::GradCheckError>(())
+/// ```
 pub fn check_gradients<F>(f: F, inputs: &[ArrayD<f64>]) -> Result<GradCheckReport, GradCheckError>
 where
-    F: for<'t> Fn(&'t Tape<f64>, &[Var<'t, f64>]) -> Result<Var<'t, f64>, TapeError>,
+    F: for<'t> FnMut(&'t Tape<f64>, &[Var<'t, f64>]) -> Result<Var<'t, f64>, TapeError>,
 {
     GradCheck::default().run(f, inputs)
 }

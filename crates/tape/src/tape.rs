@@ -368,6 +368,7 @@ impl<'t, T: Element> Var<'t, T> {
     ///
     /// # Panics
     /// If the value is empty.
+    #[track_caller]
     pub fn scalar(&self) -> T {
         let value = self.value();
         match value.iter().next() {

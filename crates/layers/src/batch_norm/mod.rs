@@ -2,11 +2,11 @@
 //!
 //! Three levels, each a thin layer over the one below:
 //!
-//! | level | what |
-//! |---|---|
-//! | functions on arrays | [`batchnorm_forward`] returns the output and a cache, [`batchnorm_backward`] the three gradients |
-//! | tape nodes | [`batch_norm`] (one fused node) and [`batch_norm_composed`] (the same from primitives) |
-//! | the layer | [`BatchNorm`]: parameters, running statistics, train/eval mode, state dict |
+//! - functions on arrays: [`batchnorm_forward`] returns the output and a cache, and
+//!   [`batchnorm_backward`] the three gradients;
+//! - tape nodes: [`batch_norm`] (one fused node) and [`batch_norm_composed`] (the same from
+//!   primitives);
+//! - the layer, [`BatchNorm`]: parameters, running statistics, train/eval mode, state dict.
 //!
 //! # Shapes
 //! `x` is `(N, C)` or `(N, C, *spatial)` with rank 2 to 5 and the channel on axis 1 (PyTorch's

@@ -224,6 +224,28 @@ mod tests {
     }
 
     #[test]
+    fn the_operator_panic_names_the_callers_line() {
+        use std::panic::{self, AssertUnwindSafe};
+        use std::sync::{Arc, Mutex};
+        let tape = Tape::<f64>::new();
+        let (a, b) = (tape.var(uniform(&[2, 3], 0)), tape.var(uniform(&[4], 1)));
+        // Record where this thread's panic says it happened (other tests run on other threads).
+        let (seen, this_thread) = (Arc::new(Mutex::new(None)), std::thread::current().id());
+        let record = Arc::clone(&seen);
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if std::thread::current().id() == this_thread {
+                *record.lock().unwrap() = info.location().map(|l| (l.file().to_string(), l.line()));
+            }
+        }));
+        let line = line!() + 1;
+        let result = panic::catch_unwind(AssertUnwindSafe(|| a * b));
+        panic::set_hook(previous);
+        assert!(result.is_err());
+        assert_eq!(*seen.lock().unwrap(), Some((file!().to_string(), line)));
+    }
+
+    #[test]
     fn a_var_of_another_tape_is_an_error() {
         let first = Tape::<f64>::new();
         let second = Tape::<f64>::new();

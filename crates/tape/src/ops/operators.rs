@@ -1,12 +1,13 @@
 //! Operator syntax: `a + b`, `a - b`, `a * b`, `a / b` (elementwise, broadcasting), `-a`, and
 //! the same with a scalar on either side. Binary operators between `Var`s panic with the
-//! error's message (expected vs got) on incompatible shapes; use `try_add` and friends in
-//! library code.
+//! error's message (expected vs got) on incompatible shapes, naming the caller's line; use
+//! `try_add` and friends in library code.
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use crate::{Element, Result, Var};
 
+#[track_caller]
 fn or_panic<'t, T: Element>(result: Result<Var<'t, T>>) -> Var<'t, T> {
     match result {
         Ok(var) => var,
@@ -20,6 +21,7 @@ macro_rules! var_var_operator {
             type Output = Var<'t, T>;
             /// # Panics
             /// If the shapes do not broadcast or the operands are on different tapes.
+            #[track_caller]
             fn $method(self, rhs: Var<'t, T>) -> Var<'t, T> {
                 or_panic(self.$try(rhs))
             }

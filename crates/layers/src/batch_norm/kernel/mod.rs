@@ -192,15 +192,35 @@ macro_rules! compiled_for {
     ($($t:ty),*) => {$(
         impl Kernels<$t> for Compiled {
             #[inline(never)]
-            fn forward_batch(&self, x: &[$t], dims: Dims, gamma_beta: (&[f64], &[f64]), eps: f64) -> (Stats, Vec<f64>, Vec<$t>) {
+            fn forward_batch(
+                &self,
+                x: &[$t],
+                dims: Dims,
+                gamma_beta: (&[f64], &[f64]),
+                eps: f64,
+            ) -> (Stats, Vec<f64>, Vec<$t>) {
                 imp::forward_batch(x, dims, gamma_beta, eps, Layout::of::<$t>(dims))
             }
+
             #[inline(never)]
-            fn forward_with(&self, x: &[$t], dims: Dims, gamma_beta: (&[f64], &[f64]), stats: (&[f64], &[f64])) -> Vec<$t> {
+            fn forward_with(
+                &self,
+                x: &[$t],
+                dims: Dims,
+                gamma_beta: (&[f64], &[f64]),
+                stats: (&[f64], &[f64]),
+            ) -> Vec<$t> {
                 imp::forward_with(x, dims, gamma_beta, stats)
             }
+
             #[inline(never)]
-            fn backward(&self, dout_x: (&[$t], &[$t]), dims: Dims, saved: Saved<'_>, want_dx: bool) -> Grads<$t> {
+            fn backward(
+                &self,
+                dout_x: (&[$t], &[$t]),
+                dims: Dims,
+                saved: Saved<'_>,
+                want_dx: bool,
+            ) -> Grads<$t> {
                 imp::backward(dout_x, dims, saved, want_dx, Layout::of::<$t>(dims))
             }
         }
