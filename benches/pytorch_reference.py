@@ -8,7 +8,7 @@ runs for `F.batch_norm`, and prints one JSON line per case:
     {"dtype": "f32", "shape": [4096, 4096], "torch_us": <median fwd+bwd>, "torch": "2.13.0", "threads": 2}
 
 Given the Rust benchmark's output (`--ours FILE`, or `-` for stdin), it prints instead a table
-of ours / PyTorch per case, with the targets of the performance issue:
+of ours / PyTorch per case:
 
     cargo run --release --example bench > ours.jsonl
     python3 benches/pytorch_reference.py --ours ours.jsonl
@@ -19,6 +19,9 @@ the medians of the rounds (`--save-ours` keeps the merged Rust lines):
 
     cargo build --release --example bench
     python3 benches/pytorch_reference.py --bench target/release/examples/bench --rounds 3
+
+`--baseline OTHER_BINARY` runs a second build of the Rust benchmark in the same rounds (the
+code before a change), for ours / baseline measured side by side.
 
 Needs `torch` (CPU is enough). Runs on as many threads as the Rust side (2 by default).
 """
@@ -99,26 +102,27 @@ def measure(args):
         yield line
 
 
-def table(ours, theirs):
-    """Markdown table of ours / PyTorch per case, with the issue's targets."""
+def table(ours, theirs, baseline=None):
+    """Markdown table of ours / PyTorch per case; with `baseline` (lines of another build of the
+    Rust benchmark, by case), its time and ours / baseline too."""
+    extra = " baseline (us) | ours / baseline |" if baseline else ""
     print()
-    print("| dtype | shape | ours (us) | PyTorch (us) | ours / PyTorch | target | composed / fused | fused / traffic bound |")
-    print("|---|---|---:|---:|---:|---|---:|---:|")
+    print("| dtype | shape | ours (us) | PyTorch (us) | ours / PyTorch | composed / fused "
+          "| fused / traffic bound |" + extra)
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if baseline else ""))
     for o in ours:
         key = (o["dtype"], tuple(o["shape"]))
         if key not in theirs:
             continue
-        elements = 1
-        for d in o["shape"]:
-            elements *= d
         ratio = o["fused_us"] / theirs[key]["torch_us"]
-        target = "<= 0.6" if elements >= 1 << 20 else "<= 0.1" if elements <= 4096 else "-"
-        limit = 0.6 if elements >= 1 << 20 else 0.1 if elements <= 4096 else None
-        verdict = "" if limit is None else (" ok" if ratio <= limit else " MISSED")
         composed = f"{o['composed_us'] / o['fused_us']:.1f}x" if o["composed_us"] else "-"
         bound = o["fused_us"] / o["traffic_bound_us"] if o["traffic_bound_us"] > 0 else float("nan")
-        print(f"| {o['dtype']} | {'x'.join(map(str, o['shape']))} | {o['fused_us']:.1f} | {theirs[key]['torch_us']:.1f} "
-              f"| {ratio:.3f} | {target}{verdict} | {composed} | {bound:.2f} |")
+        row = (f"| {o['dtype']} | {'x'.join(map(str, o['shape']))} | {o['fused_us']:.1f} "
+               f"| {theirs[key]['torch_us']:.1f} | {ratio:.3f} | {composed} | {bound:.2f} |")
+        if baseline:
+            b = baseline[key]["fused_us"]
+            row += f" {b:.1f} | {o['fused_us'] / b:.3f} |"
+        print(row)
 
 
 def compare(args):
@@ -134,29 +138,46 @@ def median_of(lines, key):
     return None if None in values else statistics.median(values)
 
 
+def run_bench(binary, name, shape, args):
+    """One run of a Rust benchmark binary on one case: its JSON line."""
+    command = [binary, "--dtype", name, "--shape", "x".join(map(str, shape))]
+    if args.quick:
+        command.append("--quick")
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def merged(rounds):
+    """The first round's line with the medians of the rounds' timings."""
+    line = dict(rounds[0])
+    for key, digits in (("fused_us", 1), ("composed_us", 1), ("copy_gbps", 2), ("traffic_bound_us", 3)):
+        value = median_of(rounds, key)
+        line[key] = None if value is None else round(value, digits)
+    return line
+
+
 def interleave(args):
-    """Each case: the Rust benchmark's run and PyTorch's in turn, `--rounds` times; medians."""
+    """Each case: the Rust benchmark's run (and the baseline build's) and PyTorch's in turn,
+    `--rounds` times; medians."""
     import torch
 
     torch.set_num_threads(args.threads)
-    ours, theirs = [], {}
+    ours, theirs, baseline = [], {}, {}
     for name, shape in cases(args):
-        rust_rounds, torch_rounds = [], []
+        rust_rounds, torch_rounds, baseline_rounds = [], [], []
         for _ in range(args.rounds):
-            command = [args.bench, "--dtype", name, "--shape", "x".join(map(str, shape))]
-            if args.quick:
-                command.append("--quick")
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            rust_rounds.append(json.loads(output.strip().splitlines()[-1]))
+            if args.baseline:
+                baseline_rounds.append(run_bench(args.baseline, name, shape, args))
+            rust_rounds.append(run_bench(args.bench, name, shape, args))
             torch_rounds.append(torch_line(torch, name, shape, args))
-        merged = dict(rust_rounds[0])
-        for key, digits in (("fused_us", 1), ("composed_us", 1), ("copy_gbps", 2), ("traffic_bound_us", 3)):
-            value = median_of(rust_rounds, key)
-            merged[key] = None if value is None else round(value, digits)
         theirs_line = dict(torch_rounds[0], torch_us=round(median_of(torch_rounds, "torch_us"), 1))
-        print(f"{name} {'x'.join(map(str, shape))}: ours {[r['fused_us'] for r in rust_rounds]} us, "
-              f"PyTorch {[t['torch_us'] for t in torch_rounds]} us", file=sys.stderr, flush=True)
-        ours.append(merged)
+        report = (f"{name} {'x'.join(map(str, shape))}: ours {[r['fused_us'] for r in rust_rounds]} us, "
+                  f"PyTorch {[t['torch_us'] for t in torch_rounds]} us")
+        if args.baseline:
+            report += f", baseline {[r['fused_us'] for r in baseline_rounds]} us"
+            baseline[(name, tuple(shape))] = merged(baseline_rounds)
+        print(report, file=sys.stderr, flush=True)
+        ours.append(merged(rust_rounds))
         theirs[(name, tuple(shape))] = theirs_line
     if args.save_ours:
         with open(args.save_ours, "w") as f:
@@ -164,7 +185,7 @@ def interleave(args):
                 f.write(json.dumps(line) + "\n")
     print(f"medians of {args.rounds} alternating rounds per case; PyTorch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    table(ours, theirs)
+    table(ours, theirs, baseline or None)
 
 
 def main():
@@ -177,6 +198,8 @@ def main():
     parser.add_argument("--bench", help="the Rust benchmark binary: run it case by case, alternating with PyTorch")
     parser.add_argument("--rounds", type=int, default=3, help="with --bench: rounds per case (default 3)")
     parser.add_argument("--save-ours", help="with --bench: write the merged Rust lines to this file")
+    parser.add_argument("--baseline", help="with --bench: another build of the Rust benchmark (the code before "
+                        "a change, say), run in the same rounds: adds its time and ours / baseline")
     args = parser.parse_args()
     try:
         import torch  # noqa: F401
@@ -184,6 +207,8 @@ def main():
         sys.exit("benches/pytorch_reference.py needs torch: pip install torch")
     if args.ours and args.bench:
         sys.exit("give --ours (a finished run) or --bench (run it here), not both")
+    if args.baseline and not args.bench:
+        sys.exit("--baseline goes with --bench")
     if args.rounds < 1:
         sys.exit(f"--rounds must be at least 1, got {args.rounds}")
     if args.bench:

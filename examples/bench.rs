@@ -19,8 +19,8 @@
 //! Feed the output to `benches/pytorch_reference.py --ours FILE` for the ratios to PyTorch.
 
 // Every pass allocates and frees input-sized arrays. The system allocator returns them to the
-// OS, so each new one pays a page fault per 4 KiB on first write (64 MiB: 40 ms here, more than
-// the whole computation); a caching allocator reuses the pages, as a training loop wants.
+// OS, so each new one pays a page fault per 4 KiB on first write (for large arrays more than the
+// whole computation); a caching allocator reuses the pages, as a training loop wants.
 // `--features system-alloc` measures with the system allocator instead.
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]

@@ -145,7 +145,7 @@ fn input_grad_block<T: Element>(
         // Slices cut to one width: the index loop carries no bounds checks and vectorises.
         let c = dims.c;
         let mean = &mean[..c];
-        let (a, b, d) = coefficients.slices(c);
+        let (dout_scale, xmu_scale, offset) = coefficients.slices(c);
         let rows = out
             .chunks_exact_mut(c)
             .zip(dout.chunks_exact(c))
@@ -154,9 +154,9 @@ fn input_grad_block<T: Element>(
             let (o, g, v) = (&mut o[..c], &g[..c], &v[..c]);
             for j in 0..c {
                 let k = ChannelCoefficients {
-                    dout_scale: a[j],
-                    xmu_scale: b[j],
-                    offset: d[j],
+                    dout_scale: dout_scale[j],
+                    xmu_scale: xmu_scale[j],
+                    offset: offset[j],
                 };
                 o[j] = MaybeUninit::new(k.apply(g[j], v[j], mean[j]));
             }
