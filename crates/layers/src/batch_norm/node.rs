@@ -111,7 +111,7 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
             }
             None => {
                 let (gamma, beta) = (to_f64(gamma), to_f64(beta));
-                kernel::forward_with(&row_major(x), dims, (&gamma, &beta), &self.mean, &self.inv_std)
+                kernel::forward_with(&row_major(x), dims, &gamma, &beta, &self.mean, &self.inv_std)
             }
         };
         Ok(shaped(out, x.raw_dim()))

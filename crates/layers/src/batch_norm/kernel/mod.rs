@@ -144,7 +144,8 @@ pub(crate) fn forward_batch<T: Element>(
 pub(crate) fn forward_with<T: Element>(
     x: &[T],
     dims: Dims,
-    (gamma, beta): (&[f64], &[f64]),
+    gamma: &[f64],
+    beta: &[f64],
     mean: &[f64],
     inv_std: &[f64],
 ) -> Vec<T> {
