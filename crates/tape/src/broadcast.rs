@@ -41,10 +41,35 @@ pub fn broadcast_shape(op: &'static str, lhs: &[usize], rhs: &[usize]) -> Result
 /// places and its gradient is the sum of theirs.
 ///
 /// Leading axes the operand did not have are summed away; axes where the operand had size 1 are
-/// summed with the axis kept. `shape` must broadcast to `grad.shape()`.
-pub fn sum_to_shape<T: Element>(grad: ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
-    if grad.shape() == shape {
-        return grad;
+/// summed with the axis kept.
+///
+/// # Errors
+/// [`TapeError::Shape`] when `shape` does not broadcast to `grad`'s shape (a higher rank, or a
+/// trailing axis that is neither equal nor 1).
+///
+/// # Example
+/// ```
+/// use ndarray::{ArrayD, IxDyn};
+///
+/// let grad = ArrayD::<f64>::ones(IxDyn(&[2, 3]));
+/// assert_eq!(tape::sum_to_shape(grad.clone(), &[1, 3])?, ArrayD::from_elem(IxDyn(&[1, 3]), 2.0));
+/// assert!(tape::sum_to_shape(grad, &[2]).is_err());
+/// # Ok::<(), tape::TapeError>(())
+/// ```
+pub fn sum_to_shape<T: Element>(grad: ArrayD<T>, shape: &[usize]) -> Result<ArrayD<T>> {
+    let broadcasts = shape.len() <= grad.ndim()
+        && shape
+            .iter()
+            .rev()
+            .zip(grad.shape().iter().rev())
+            .all(|(&size, &grad_size)| size == grad_size || size == 1);
+    if !broadcasts {
+        return Err(TapeError::Shape {
+            op: "sum_to_shape",
+            what: "the target shape",
+            expected: format!("a shape that broadcasts to the gradient's {:?}", grad.shape()),
+            got: shape.to_vec(),
+        });
     }
     let mut grad = grad;
     while grad.ndim() > shape.len() {
@@ -55,12 +80,7 @@ pub fn sum_to_shape<T: Element>(grad: ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
             grad = grad.sum_axis(Axis(axis)).insert_axis(Axis(axis));
         }
     }
-    debug_assert_eq!(
-        grad.shape(),
-        shape,
-        "sum_to_shape: shape does not broadcast to grad"
-    );
-    grad
+    Ok(grad)
 }
 
 #[cfg(test)]
@@ -88,7 +108,7 @@ mod tests {
     #[test]
     fn sum_to_shape_sums_leading_and_unit_axes() {
         let grad = ArrayD::from_shape_fn(IxDyn(&[2, 3, 4]), |i| (i[0] * 12 + i[1] * 4 + i[2]) as f64);
-        let reduced = sum_to_shape(grad.clone(), &[3, 1]);
+        let reduced = sum_to_shape(grad.clone(), &[3, 1]).unwrap();
         assert_eq!(reduced.shape(), &[3, 1]);
         for j in 0..3 {
             let expected: f64 = (0..2)
@@ -97,9 +117,27 @@ mod tests {
             assert_eq!(reduced[[j, 0]], expected);
         }
         assert_eq!(
-            sum_to_shape(grad.clone(), &[]).into_raw_vec_and_offset().0,
+            sum_to_shape(grad.clone(), &[])
+                .unwrap()
+                .into_raw_vec_and_offset()
+                .0,
             vec![grad.sum()]
         );
-        assert_eq!(sum_to_shape(grad.clone(), &[2, 3, 4]), grad);
+        assert_eq!(sum_to_shape(grad.clone(), &[2, 3, 4]).unwrap(), grad);
+    }
+
+    #[test]
+    fn a_shape_that_does_not_broadcast_to_the_gradient_is_an_error() {
+        let grad = ArrayD::<f64>::ones(IxDyn(&[2, 3]));
+        for shape in [&[2][..], &[3, 3], &[1, 2, 3], &[2, 1, 3]] {
+            let error = sum_to_shape(grad.clone(), shape).unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "sum_to_shape: the target shape has shape {shape:?}, expected a shape that \
+                     broadcasts to the gradient's [2, 3]"
+                )
+            );
+        }
     }
 }

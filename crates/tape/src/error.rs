@@ -30,6 +30,29 @@ pub enum TapeError {
         /// The shape it got.
         got: Vec<usize>,
     },
+    /// A reshape to a shape with another number of elements.
+    #[error(
+        "reshape: the new shape {to:?} holds {}, expected {} elements (the input's shape {from:?})",
+        count.map_or("more elements than an array can".to_string(), |count| format!("{count} elements")),
+        from.iter().product::<usize>()
+    )]
+    Reshape {
+        /// The input's shape.
+        from: Vec<usize>,
+        /// The shape asked for.
+        to: Vec<usize>,
+        /// Its number of elements, `None` where that overflows (see [`TapeError::TooLarge`]).
+        count: Option<usize>,
+    },
+    /// A shape whose array could not exist: its element count overflows `usize`, or its bytes
+    /// `isize::MAX`.
+    #[error("{op}: shape {shape:?} holds more elements than an array can")]
+    TooLarge {
+        /// The operation asked for the shape.
+        op: &'static str,
+        /// The shape.
+        shape: Vec<usize>,
+    },
     /// An axis does not exist in the operand.
     #[error("{op}: axis {axis} is out of range for an array of rank {ndim} (axes 0..{ndim})")]
     Axis {

@@ -87,6 +87,31 @@ pub enum GradCheckError {
     /// There was nothing to check.
     #[error("gradient check: no inputs given")]
     NoInputs,
+    /// A setting of [`GradCheck`] cannot give a meaningful check.
+    #[error("gradient check: {name} must be {expected}, got {got}")]
+    InvalidSetting {
+        /// `step`, `atol` or `rtol`.
+        name: &'static str,
+        /// Its valid range, in words.
+        expected: &'static str,
+        /// The value given.
+        got: f64,
+    },
+    /// The function's output is NaN or infinite, so no difference of it means anything.
+    #[error(
+        "gradient check: the function's output is {value} at index {index:?}{}",
+        perturbed.as_ref().map_or(" at the given inputs".to_string(), |(input, at, by)| {
+            format!(" with input {input} at index {at:?} moved by {by:e}")
+        })
+    )]
+    NonFiniteOutput {
+        /// The value (NaN or ±inf).
+        value: f64,
+        /// Its index in the output.
+        index: Vec<usize>,
+        /// Which input element was moved, and by how much; `None` at the given inputs.
+        perturbed: Option<(usize, Vec<usize>, f64)>,
+    },
 }
 
 /// The worst agreement found for one input.
@@ -140,7 +165,10 @@ impl GradCheck {
     ///
     /// # Errors
     /// [`GradCheckError::Mismatch`] naming the worst element when any is out of tolerance,
-    /// or the error of `f`, or [`GradCheckError::OutputShapeChanged`] / [`GradCheckError::NoInputs`].
+    /// the error of `f`, [`GradCheckError::NonFiniteOutput`] when an output is NaN or infinite,
+    /// [`GradCheckError::InvalidSetting`] for a `step` that is not finite and positive or
+    /// tolerances that are negative, not finite or both 0, [`GradCheckError::OutputShapeChanged`]
+    /// or [`GradCheckError::NoInputs`].
     ///
     /// # Example
     /// ```
@@ -158,6 +186,7 @@ impl GradCheck {
     where
         F: for<'t> FnMut(&'t Tape<f64>, &[Var<'t, f64>]) -> Result<Var<'t, f64>, TapeError>,
     {
+        self.validate()?;
         if inputs.is_empty() {
             return Err(GradCheckError::NoInputs);
         }
@@ -165,6 +194,7 @@ impl GradCheck {
         let tape = Tape::new();
         let vars: Vec<_> = inputs.iter().map(|x| tape.var(x.clone())).collect();
         let output = f(&tape, &vars)?;
+        check_finite(&output.value(), None)?;
         let output_shape = output.shape();
         let weights = self.output_weights(&output_shape);
         let grads = output.backward_with(weights.clone())?;
@@ -181,18 +211,20 @@ impl GradCheck {
 
         // The loss L = sum(f(inputs) · w) at perturbed inputs.
         let mut working: Vec<ArrayD<f64>> = inputs.to_vec();
-        let mut loss = |working: &[ArrayD<f64>]| -> Result<f64, GradCheckError> {
-            let tape = Tape::new();
-            let vars: Vec<_> = working.iter().map(|x| tape.var(x.clone())).collect();
-            let value = f(&tape, &vars)?.value();
-            if value.shape() != output_shape.as_slice() {
-                return Err(GradCheckError::OutputShapeChanged {
-                    expected: output_shape.clone(),
-                    got: value.shape().to_vec(),
-                });
-            }
-            Ok(value.iter().zip(weights.iter()).map(|(y, w)| y * w).sum())
-        };
+        let mut loss =
+            |working: &[ArrayD<f64>], moved: (usize, &[usize], f64)| -> Result<f64, GradCheckError> {
+                let tape = Tape::new();
+                let vars: Vec<_> = working.iter().map(|x| tape.var(x.clone())).collect();
+                let value = f(&tape, &vars)?.value();
+                if value.shape() != output_shape.as_slice() {
+                    return Err(GradCheckError::OutputShapeChanged {
+                        expected: output_shape.clone(),
+                        got: value.shape().to_vec(),
+                    });
+                }
+                check_finite(&value, Some((moved.0, moved.1.to_vec(), moved.2)))?;
+                Ok(value.iter().zip(weights.iter()).map(|(y, w)| y * w).sum())
+            };
 
         let mut reports = Vec::with_capacity(inputs.len());
         let mut worst: Option<(f64, GradCheckError)> = None;
@@ -206,9 +238,9 @@ impl GradCheck {
             for (index, &analytic) in grad.indexed_iter() {
                 let original = working[input][&index];
                 working[input][&index] = original + self.step;
-                let plus = loss(&working)?;
+                let plus = loss(&working, (input, index.slice(), self.step))?;
                 working[input][&index] = original - self.step;
-                let minus = loss(&working)?;
+                let minus = loss(&working, (input, index.slice(), -self.step))?;
                 working[input][&index] = original;
 
                 let numeric = (plus - minus) / (2.0 * self.step);
@@ -273,6 +305,27 @@ impl GradCheck {
         }
     }
 
+    /// Checks the settings: a finite `step > 0`, finite `atol, rtol >= 0`, not both 0.
+    fn validate(&self) -> Result<(), GradCheckError> {
+        let invalid = |name, expected, got| Err(GradCheckError::InvalidSetting { name, expected, got });
+        if !(self.step.is_finite() && self.step > 0.0) {
+            return invalid("step", "a finite number > 0", self.step);
+        }
+        for (name, value) in [("atol", self.atol), ("rtol", self.rtol)] {
+            if !(value.is_finite() && value >= 0.0) {
+                return invalid(name, "a finite number >= 0", value);
+            }
+        }
+        if self.atol == 0.0 && self.rtol == 0.0 {
+            return invalid(
+                "atol",
+                "> 0 when rtol is 0 (central differences are never exact)",
+                0.0,
+            );
+        }
+        Ok(())
+    }
+
     /// Random normal weights for a multi-element output, ones for a one-element output.
     fn output_weights(&self, shape: &[usize]) -> ArrayD<f64> {
         if shape.iter().product::<usize>() == 1 {
@@ -280,6 +333,21 @@ impl GradCheck {
         }
         let mut rng = StdRng::seed_from_u64(self.seed);
         ArrayD::from_shape_simple_fn(shape, || StandardNormal.sample(&mut rng))
+    }
+}
+
+/// [`GradCheckError::NonFiniteOutput`] at the first output element that is NaN or infinite.
+fn check_finite(
+    value: &ArrayD<f64>,
+    perturbed: Option<(usize, Vec<usize>, f64)>,
+) -> Result<(), GradCheckError> {
+    match value.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        None => Ok(()),
+        Some((index, &value)) => Err(GradCheckError::NonFiniteOutput {
+            value,
+            index: index.slice().to_vec(),
+            perturbed,
+        }),
     }
 }
 
@@ -473,17 +541,80 @@ mod tests {
         assert!(
             matches!(
                 error,
-                GradCheckError::Function(TapeError::Shape { op: "reshape", .. })
+                GradCheckError::Function(TapeError::Reshape { .. })
             ),
             "{error}"
         );
     }
 
     #[test]
+    fn settings_that_cannot_check_anything_are_errors() {
+        let x = [uniform(&[3], 6)];
+        for (check, message) in [
+            (
+                GradCheck {
+                    step: 0.0,
+                    ..GradCheck::default()
+                },
+                "step must be a finite number > 0, got 0",
+            ),
+            (
+                GradCheck {
+                    step: f64::NAN,
+                    ..GradCheck::default()
+                },
+                "step must be a finite number > 0, got NaN",
+            ),
+            (
+                GradCheck {
+                    atol: -1e-5,
+                    ..GradCheck::default()
+                },
+                "atol must be a finite number >= 0, got -0.00001",
+            ),
+            (
+                GradCheck {
+                    rtol: f64::INFINITY,
+                    ..GradCheck::default()
+                },
+                "rtol must be a finite number >= 0, got inf",
+            ),
+            (
+                GradCheck {
+                    atol: 0.0,
+                    rtol: 0.0,
+                    ..GradCheck::default()
+                },
+                "atol must be > 0 when rtol is 0 (central differences are never exact), got 0",
+            ),
+        ] {
+            let error = check.run(|_, v| Ok(v[0].exp()), &x).unwrap_err();
+            assert!(matches!(error, GradCheckError::InvalidSetting { .. }), "{error}");
+            assert_eq!(error.to_string(), format!("gradient check: {message}"));
+        }
+    }
+
+    #[test]
+    fn a_nan_output_is_reported_as_such() {
+        // ln(x) is NaN for x < 0: at the given inputs, and where a step crosses 0.
+        let error = check_gradients(|_, v| Ok(v[0].ln()), &[array![2.0, -1.0].into_dyn()]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "gradient check: the function's output is NaN at index [1] at the given inputs"
+        );
+        let error = check_gradients(|_, v| Ok(v[0].ln()), &[array![2.0, 5e-7].into_dyn()]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "gradient check: the function's output is NaN at index [1] with input 0 at index [1] moved by -1e-6"
+        );
+    }
+
+    #[test]
     fn tolerances_are_applied_as_documented() {
-        // With rtol = atol = 0 even a correct gradient fails: the estimate has rounding error.
+        // With a tiny atol and no rtol even a correct gradient fails: the estimate has rounding
+        // error.
         let strict = GradCheck {
-            atol: 0.0,
+            atol: 1e-15,
             rtol: 0.0,
             ..GradCheck::default()
         };

@@ -18,7 +18,7 @@ enum NodeKind<T: Element> {
     Variable,
     Constant,
     Op {
-        op: Box<dyn Function<T>>,
+        op: Rc<dyn Function<T>>,
         inputs: Vec<usize>,
     },
 }
@@ -139,19 +139,17 @@ impl<T: Element> Tape<T> {
             }
             indices.push(input.index);
         }
-        // The op reads its inputs through views into the node list, which stays borrowed (to read)
-        // while it runs: `forward` is given only the views, and an op is `'static`, so it cannot
-        // hold this tape to record on it meanwhile.
-        let (output, requires_grad) = {
+        // The op gets shared handles to its input values, not a borrow of the node list: an op
+        // may record on this tape while it runs.
+        let (values, requires_grad) = {
             let nodes = self.nodes.borrow();
-            let views: Vec<ArrayViewD<'_, T>> = indices.iter().map(|&i| nodes[i].value.view()).collect();
-            (
-                op.forward(&views)?,
-                indices.iter().any(|&i| nodes[i].requires_grad),
-            )
+            let values: Vec<Rc<ArrayD<T>>> = indices.iter().map(|&i| Rc::clone(&nodes[i].value)).collect();
+            (values, indices.iter().any(|&i| nodes[i].requires_grad))
         };
+        let views: Vec<ArrayViewD<'_, T>> = values.iter().map(|value| value.view()).collect();
+        let output = op.forward(&views)?;
         let kind = NodeKind::Op {
-            op: Box::new(op),
+            op: Rc::new(op),
             inputs: indices,
         };
         Ok(self.push(output, kind, requires_grad))
@@ -217,37 +215,50 @@ impl<T: Element> Tape<T> {
             });
         }
         let grad_output = grad_output.into_dyn();
-        let nodes = self.nodes.borrow();
-        let shape = nodes[output.index].value.shape();
-        if grad_output.shape() != shape {
+        let (shape, output_requires_grad) = {
+            let nodes = self.nodes.borrow();
+            let node = &nodes[output.index];
+            (node.value.shape().to_vec(), node.requires_grad)
+        };
+        if grad_output.shape() != shape.as_slice() {
             return Err(TapeError::GradientShape {
                 op: "backward_with".into(),
                 what: "the output".into(),
-                expected: shape.to_vec(),
+                expected: shape,
                 got: grad_output.shape().to_vec(),
             });
         }
         let mut grads: Vec<Option<ArrayD<T>>> = vec![None; output.index + 1];
-        if nodes[output.index].requires_grad {
+        if output_requires_grad {
             grads[output.index] = Some(grad_output);
         }
-        // Per op, which inputs need a gradient and their values: two lists refilled at each op.
-        let (mut needs_grad, mut input_values) = (Vec::new(), Vec::new());
         for index in (0..=output.index).rev() {
-            let node = &nodes[index];
-            let NodeKind::Op { op, inputs } = &node.kind else {
-                continue;
-            };
             let Some(grad) = grads[index].take() else {
                 continue;
             };
-            needs_grad.clear();
-            needs_grad.extend(inputs.iter().map(|&i| nodes[i].requires_grad));
-            input_values.clear();
-            input_values.extend(inputs.iter().map(|&i| nodes[i].value.view()));
+            // Shared handles to the op and its values, and no borrow of the node list while its
+            // backward runs: a backward may record on this tape.
+            let (op, inputs, needs_grad, values, output_value) = {
+                let nodes = self.nodes.borrow();
+                let node = &nodes[index];
+                let NodeKind::Op { op, inputs } = &node.kind else {
+                    grads[index] = Some(grad);
+                    continue;
+                };
+                let needs_grad: Vec<bool> = inputs.iter().map(|&i| nodes[i].requires_grad).collect();
+                let values: Vec<Rc<ArrayD<T>>> = inputs.iter().map(|&i| Rc::clone(&nodes[i].value)).collect();
+                (
+                    Rc::clone(op),
+                    inputs.clone(),
+                    needs_grad,
+                    values,
+                    Rc::clone(&node.value),
+                )
+            };
+            let input_values: Vec<ArrayViewD<'_, T>> = values.iter().map(|value| value.view()).collect();
             let input_grads = op.backward(&BackwardArgs {
                 inputs: &input_values,
-                output: node.value.view(),
+                output: output_value.view(),
                 grad_output: grad.view(),
                 needs_grad: &needs_grad,
             })?;
@@ -263,11 +274,11 @@ impl<T: Element> Tape<T> {
                 let Some(input_grad) = input_grad.filter(|_| needs_grad[position]) else {
                     continue;
                 };
-                if input_grad.shape() != nodes[input].value.shape() {
+                if input_grad.shape() != values[position].shape() {
                     return Err(TapeError::GradientShape {
                         op: op.name().to_string(),
                         what: format!("input {position}"),
-                        expected: nodes[input].value.shape().to_vec(),
+                        expected: values[position].shape().to_vec(),
                         got: input_grad.shape().to_vec(),
                     });
                 }
@@ -364,16 +375,33 @@ impl<'t, T: Element> Var<'t, T> {
         self.value().shape().to_vec()
     }
 
-    /// The first element of the value: the number itself for a scalar result such as a loss.
+    /// The value of a one-element `Var`, such as a loss (PyTorch's `item()`).
     ///
     /// # Panics
-    /// If the value is empty.
+    /// If the value does not have exactly one element, naming its shape and the caller's line
+    /// (see [`try_scalar`](Var::try_scalar) for the `Result`).
     #[track_caller]
     pub fn scalar(&self) -> T {
+        match self.try_scalar() {
+            Ok(value) => value,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    /// The value of a one-element `Var`.
+    ///
+    /// # Errors
+    /// [`TapeError::Shape`] naming the shape when it has no element or more than one.
+    pub fn try_scalar(&self) -> Result<T> {
         let value = self.value();
-        match value.iter().next() {
-            Some(&first) => first,
-            None => panic!("scalar() on an empty Var of shape {:?}", value.shape()),
+        match value.as_slice_memory_order() {
+            Some(&[only]) => Ok(only),
+            _ => Err(TapeError::Shape {
+                op: "scalar",
+                what: "the Var",
+                expected: "one element (value() gives every element)".into(),
+                got: value.shape().to_vec(),
+            }),
         }
     }
 
@@ -473,6 +501,53 @@ mod tests {
     use ndarray::{ArrayD, ArrayViewD, array};
 
     use crate::{BackwardArgs, Function, Result, Tape, TapeError};
+
+    /// `y = x`, recording a constant on its own tape in forward and in backward.
+    struct RecordsOnItsTape {
+        tape: std::rc::Rc<Tape<f64>>,
+    }
+
+    impl Function<f64> for RecordsOnItsTape {
+        fn name(&self) -> &str {
+            "records"
+        }
+        fn forward(&mut self, inputs: &[ArrayViewD<'_, f64>]) -> Result<ArrayD<f64>> {
+            let _ = self.tape.constant(array![1.0]);
+            Ok(inputs[0].to_owned())
+        }
+        fn backward(&self, args: &BackwardArgs<'_, f64>) -> Result<Vec<Option<ArrayD<f64>>>> {
+            let _ = self.tape.constant(array![2.0]);
+            Ok(vec![Some(args.grad_output.to_owned())])
+        }
+    }
+
+    #[test]
+    fn scalar_takes_a_one_element_value_only() {
+        let tape = Tape::<f64>::new();
+        assert_eq!(tape.var(array![[2.5]]).scalar(), 2.5);
+        let error = tape.var(array![1.0, 2.0]).try_scalar().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "scalar: the Var has shape [2], expected one element (value() gives every element)"
+        );
+        assert!(tape.var(ndarray::Array1::<f64>::zeros(0)).try_scalar().is_err());
+        let panic = std::panic::catch_unwind(|| Tape::<f64>::new().var(array![1.0, 2.0]).scalar());
+        assert!(panic.is_err());
+    }
+
+    #[test]
+    fn an_op_may_record_on_its_tape_in_forward_and_backward() {
+        let tape = std::rc::Rc::new(Tape::<f64>::new());
+        let x = tape.var(array![1.0, 2.0]);
+        let op = RecordsOnItsTape {
+            tape: std::rc::Rc::clone(&tape),
+        };
+        let y = tape.apply(op, &[x]).unwrap();
+        let grads = (y * y).sum().backward().unwrap();
+        assert_eq!(grads.wrt(x).unwrap(), &array![2.0, 4.0].into_dyn());
+        // x, the forward's constant, y, y·y, the sum, and the backward's constant.
+        assert_eq!(tape.len(), 6);
+    }
 
     #[test]
     fn backward_needs_a_scalar_or_an_upstream_gradient() {

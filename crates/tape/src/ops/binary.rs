@@ -4,8 +4,17 @@
 
 use ndarray::{ArrayD, ArrayViewD};
 
-use super::grad_if;
 use crate::{BackwardArgs, Element, Function, Result, Var, broadcast_shape, sum_to_shape};
+
+/// The gradient `compute()` of a broadcast result summed back to an operand's `shape`, when the
+/// operand needs it.
+fn summed_back<T: Element>(
+    needed: bool,
+    compute: impl FnOnce() -> ArrayD<T>,
+    shape: &[usize],
+) -> Result<Option<ArrayD<T>>> {
+    needed.then(|| sum_to_shape(compute(), shape)).transpose()
+}
 
 fn operands<'a, 'b, T: Element>(
     inputs: &'a [ArrayViewD<'b, T>],
@@ -29,8 +38,8 @@ impl<T: Element> Function<T> for Add {
         let (a, b) = operands(args.inputs);
         let g = &args.grad_output;
         Ok(vec![
-            grad_if(args.needs_grad[0], || sum_to_shape(g.to_owned(), a.shape())),
-            grad_if(args.needs_grad[1], || sum_to_shape(g.to_owned(), b.shape())),
+            summed_back(args.needs_grad[0], || g.to_owned(), a.shape())?,
+            summed_back(args.needs_grad[1], || g.to_owned(), b.shape())?,
         ])
     }
 }
@@ -51,8 +60,8 @@ impl<T: Element> Function<T> for Sub {
         let (a, b) = operands(args.inputs);
         let g = &args.grad_output;
         Ok(vec![
-            grad_if(args.needs_grad[0], || sum_to_shape(g.to_owned(), a.shape())),
-            grad_if(args.needs_grad[1], || sum_to_shape(g.mapv(|g| -g), b.shape())),
+            summed_back(args.needs_grad[0], || g.to_owned(), a.shape())?,
+            summed_back(args.needs_grad[1], || g.mapv(|g| -g), b.shape())?,
         ])
     }
 }
@@ -73,8 +82,8 @@ impl<T: Element> Function<T> for Mul {
         let (a, b) = operands(args.inputs);
         let g = &args.grad_output;
         Ok(vec![
-            grad_if(args.needs_grad[0], || sum_to_shape(g * b, a.shape())),
-            grad_if(args.needs_grad[1], || sum_to_shape(g * a, b.shape())),
+            summed_back(args.needs_grad[0], || g * b, a.shape())?,
+            summed_back(args.needs_grad[1], || g * a, b.shape())?,
         ])
     }
 }
@@ -95,11 +104,8 @@ impl<T: Element> Function<T> for Div {
         let (a, b) = operands(args.inputs);
         let g = &args.grad_output;
         Ok(vec![
-            grad_if(args.needs_grad[0], || sum_to_shape(g / b, a.shape())),
-            grad_if(args.needs_grad[1], || {
-                let grad_b = -(g * &args.output) / b;
-                sum_to_shape(grad_b, b.shape())
-            }),
+            summed_back(args.needs_grad[0], || g / b, a.shape())?,
+            summed_back(args.needs_grad[1], || -(g * &args.output) / b, b.shape())?,
         ])
     }
 }

@@ -5,7 +5,7 @@
 //! | module | ops |
 //! |---|---|
 //! | [`binary`] | `add`, `sub`, `mul`, `div` with NumPy broadcasting |
-//! | [`unary`] | `neg`, `exp`, `ln`, `sqrt`, `powf`, `powi`, `abs`, `relu`, `sigmoid`, `tanh`, scalar `+` and `*` |
+//! | [`unary`] | `neg`, `exp`, `ln`, `sqrt`, `powf`, `powi`, `abs`, `relu`, `sigmoid`, `tanh`, scalar `+`, `*` and `/` |
 //! | [`reduce`] | `sum`, `mean` over chosen axes or everything, `max` over an axis |
 //! | [`shape`] | `reshape`, `broadcast_to`, `transpose` |
 //! | [`matmul`] | 2-D matrix product |

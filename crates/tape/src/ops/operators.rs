@@ -65,7 +65,7 @@ impl<'t, T: Element> Mul<T> for Var<'t, T> {
 impl<'t, T: Element> Div<T> for Var<'t, T> {
     type Output = Var<'t, T>;
     fn div(self, c: T) -> Var<'t, T> {
-        self.mul_scalar(c.recip())
+        self.div_scalar(c)
     }
 }
 
@@ -94,7 +94,7 @@ macro_rules! scalar_lhs_operators {
         impl<'t> Div<Var<'t, $t>> for $t {
             type Output = Var<'t, $t>;
             fn div(self, x: Var<'t, $t>) -> Var<'t, $t> {
-                x.powi(-1).mul_scalar(self)
+                x.scalar_div(self)
             }
         }
     )*};

@@ -17,13 +17,12 @@ impl<T: Element> Function<T> for Reshape {
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
         let x = &inputs[0];
-        let count: usize = self.shape.iter().product();
-        if count != x.len() {
-            return Err(TapeError::Shape {
-                op: "reshape",
-                what: "the input",
-                expected: format!("{count} elements to reshape to {:?}", self.shape),
-                got: x.shape().to_vec(),
+        let count = element_count::<T>(&self.shape);
+        if count != Some(x.len()) {
+            return Err(TapeError::Reshape {
+                from: x.shape().to_vec(),
+                to: self.shape.clone(),
+                count,
             });
         }
         Ok(reshaped(x, &self.shape))
@@ -33,6 +32,16 @@ impl<T: Element> Function<T> for Reshape {
             reshaped(&args.grad_output, args.inputs[0].shape())
         })])
     }
+}
+
+/// The number of elements of an array of `shape`, if one can exist: `None` when the product of
+/// the sizes overflows `usize`, or its bytes `isize::MAX` (the most any allocation can hold).
+pub(crate) fn element_count<T>(shape: &[usize]) -> Option<usize> {
+    let count = shape
+        .iter()
+        .try_fold(1usize, |count, &size| count.checked_mul(size))?;
+    let bytes = count.checked_mul(std::mem::size_of::<T>())?;
+    (bytes <= isize::MAX as usize).then_some(count)
 }
 
 fn reshaped<T: Element>(x: &ArrayViewD<'_, T>, shape: &[usize]) -> ArrayD<T> {
@@ -52,6 +61,12 @@ impl<T: Element> Function<T> for BroadcastTo {
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
         let x = &inputs[0];
+        if element_count::<T>(&self.shape).is_none() {
+            return Err(TapeError::TooLarge {
+                op: "broadcast_to",
+                shape: self.shape.clone(),
+            });
+        }
         match x.broadcast(IxDyn(&self.shape)) {
             Some(view) => Ok(view.to_owned()),
             None => Err(TapeError::Shape {
@@ -63,9 +78,12 @@ impl<T: Element> Function<T> for BroadcastTo {
         }
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        Ok(vec![grad_if(args.needs_grad[0], || {
-            sum_to_shape(args.grad_output.to_owned(), args.inputs[0].shape())
-        })])
+        let needed = args.needs_grad[0];
+        Ok(vec![
+            needed
+                .then(|| sum_to_shape(args.grad_output.to_owned(), args.inputs[0].shape()))
+                .transpose()?,
+        ])
     }
 }
 
@@ -99,7 +117,7 @@ impl<'t, T: Element> Var<'t, T> {
     /// Row-major reshape.
     ///
     /// # Errors
-    /// [`TapeError::Shape`] if `shape` does not have the same number of elements.
+    /// [`TapeError::Reshape`] if `shape` does not have the same number of elements.
     pub fn reshape(self, shape: &[usize]) -> Result<Var<'t, T>> {
         self.tape.apply(
             Reshape {
@@ -112,7 +130,8 @@ impl<'t, T: Element> Var<'t, T> {
     /// Broadcast to `shape` (NumPy rules), copying.
     ///
     /// # Errors
-    /// [`TapeError::Shape`] if the value does not broadcast to `shape`.
+    /// [`TapeError::Shape`] if the value does not broadcast to `shape`, [`TapeError::TooLarge`]
+    /// if an array of `shape` could not be allocated.
     pub fn broadcast_to(self, shape: &[usize]) -> Result<Var<'t, T>> {
         self.tape.apply(
             BroadcastTo {
@@ -174,8 +193,25 @@ mod tests {
         let x = tape.var(uniform(&[2, 3], 0));
         assert_eq!(
             x.reshape(&[4, 2]).unwrap_err().to_string(),
-            "reshape: the input has shape [2, 3], expected 8 elements to reshape to [4, 2]"
+            "reshape: the new shape [4, 2] holds 8 elements, expected 6 elements (the input's shape [2, 3])"
         );
+        // Sizes whose product overflows are an error, not a wrapped count (2⁶³ + 3 times 2 wraps
+        // to 6, the input's count).
+        let huge = [(1usize << 63) + 3, 2];
+        assert_eq!(
+            x.reshape(&huge).unwrap_err().to_string(),
+            format!(
+                "reshape: the new shape {huge:?} holds more elements than an array can, expected 6 \
+                 elements (the input's shape [2, 3])"
+            )
+        );
+        assert!(matches!(
+            x.broadcast_to(&[1 << 40, 1 << 30, 3]),
+            Err(TapeError::TooLarge {
+                op: "broadcast_to",
+                ..
+            })
+        ));
         assert_eq!(
             x.broadcast_to(&[3, 3]).unwrap_err().to_string(),
             "broadcast_to: the input has shape [2, 3], expected a shape that broadcasts to [3, 3]"

@@ -56,8 +56,9 @@ unary_op!(
     Abs, "abs", forward: |x| x.abs(), backward: |x, _| if x > T::zero() { T::one() } else if x < T::zero() { -T::one() } else { T::zero() }
 );
 unary_op!(
-    /// `max(x, 0)`; derivative 1 where `x > 0`, else 0 (0 at 0, as PyTorch).
-    Relu, "relu", forward: |x| if x > T::zero() { x } else { T::zero() }, backward: |x, _| if x > T::zero() { T::one() } else { T::zero() }
+    /// `max(x, 0)`, NaN for NaN (as IEEE `maximum`, NumPy and PyTorch); derivative 0 where
+    /// `x <= 0` (0 at 0, as PyTorch), else 1 (so a NaN passes the gradient on, as in PyTorch).
+    Relu, "relu", forward: |x| if x <= T::zero() { T::zero() } else { x }, backward: |x, _| if x <= T::zero() { T::zero() } else { T::one() }
 );
 unary_op!(
     /// The logistic function `1 / (1 + e⁻ˣ)`, evaluated without overflow for large `|x|`;
@@ -79,7 +80,8 @@ fn sigmoid<T: Element>(x: T) -> T {
     }
 }
 
-/// `xᵖ` for a real exponent; derivative `p·xᵖ⁻¹`.
+/// `xᵖ` for a real exponent; derivative `p·xᵖ⁻¹`, and 0 for `p = 0` (where `xᵖ = 1`
+/// everywhere, also at `x = 0`, whose `0 · 0⁻¹` would be NaN; as PyTorch).
 pub struct PowF<T>(pub T);
 
 impl<T: Element> Function<T> for PowF<T> {
@@ -92,7 +94,13 @@ impl<T: Element> Function<T> for PowF<T> {
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
         let p = self.0;
-        Ok(chain(args, |x, _| p * x.powf(p - T::one())))
+        Ok(chain(args, |x, _| {
+            if p == T::zero() {
+                T::zero()
+            } else {
+                p * x.powf(p - T::one())
+            }
+        }))
     }
 }
 
@@ -129,6 +137,43 @@ impl<T: Element> Function<T> for AddScalar<T> {
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
         Ok(vec![grad_if(args.needs_grad[0], || args.grad_output.to_owned())])
+    }
+}
+
+/// `x / c` for a scalar `c`, divided (not multiplied by `1 / c`, which rounds twice and
+/// overflows for tiny `c`); derivative `1 / c`, applied as `g / c`.
+pub struct DivScalar<T>(pub T);
+
+impl<T: Element> Function<T> for DivScalar<T> {
+    fn name(&self) -> &str {
+        "div_scalar"
+    }
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        let c = self.0;
+        Ok(inputs[0].mapv(|x| x / c))
+    }
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        let c = self.0;
+        Ok(vec![grad_if(args.needs_grad[0], || {
+            args.grad_output.mapv(|g| g / c)
+        })])
+    }
+}
+
+/// `c / x` for a scalar `c`; derivative `-c / x² = -y / x`, applied as `-(g · y) / x` (no `x²`,
+/// which overflows or underflows before `c / x²` does).
+pub struct ScalarDiv<T>(pub T);
+
+impl<T: Element> Function<T> for ScalarDiv<T> {
+    fn name(&self) -> &str {
+        "scalar_div"
+    }
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        let c = self.0;
+        Ok(inputs[0].mapv(|x| c / x))
+    }
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        Ok(chain(args, |x, y| -y / x))
     }
 }
 
@@ -200,6 +245,14 @@ impl<'t, T: Element> Var<'t, T> {
     pub fn mul_scalar(self, c: T) -> Var<'t, T> {
         self.unary(MulScalar(c))
     }
+    /// `x / c` for a scalar `c` (also `x / c` with the operator).
+    pub fn div_scalar(self, c: T) -> Var<'t, T> {
+        self.unary(DivScalar(c))
+    }
+    /// `c / x` for a scalar `c` (also `c / x` with the operator).
+    pub fn scalar_div(self, c: T) -> Var<'t, T> {
+        self.unary(ScalarDiv(c))
+    }
     /// `-x` (also `-x` with the operator).
     pub fn negate(self) -> Var<'t, T> {
         self.unary(Neg)
@@ -241,6 +294,51 @@ mod tests {
         let x = tape.var(array![-1.0, 0.0, 2.0]);
         let grads = (x.relu() + x.abs()).sum().backward().unwrap();
         assert_eq!(grads.wrt(x).unwrap(), &array![-1.0, 0.0, 2.0].into_dyn());
+    }
+
+    #[test]
+    fn division_by_a_scalar_divides() {
+        // x / c and c / x as one division each, as IEEE and NumPy: multiplying by 1 / c rounds
+        // twice (3 / 10 would be 0.30000000000000004) and overflows where 1 / c does.
+        let tape = Tape::<f64>::new();
+        let x = tape.var(array![3.0, 1e-10, 6.0]);
+        let y = x / 10.0;
+        assert_eq!(y.value().as_slice().unwrap(), &[0.3, 1e-10 / 10.0, 0.6]);
+        assert_eq!((x / 1e-310).value()[1], 1e-10 / 1e-310);
+        assert_eq!((1e-310 / x).value()[1], 1e-310 / 1e-10);
+        assert_eq!((3.0 / x).value()[0], 1.0);
+        let tape32 = Tape::<f32>::new();
+        let m = tape32.var(array![f32::MAX]);
+        assert_eq!((m / f32::MAX).value()[0], 1.0);
+        assert_eq!((f32::MAX / m).value()[0], 1.0);
+        // c / x's derivative is -c / x², taken without x² (which overflows here).
+        let big = tape.var(array![1e200]);
+        let grads = (1e300 / big).sum().backward().unwrap();
+        assert_eq!(grads.wrt(big).unwrap()[0], -1e300 / 1e200 / 1e200);
+        check_gradients(|_, v| Ok(v[0] / 4.0), &[uniform(&[5], 7)]).unwrap();
+        check_gradients(|_, v| Ok(-2.5 / v[0]), &[positive(&[5], 8)]).unwrap();
+    }
+
+    #[test]
+    fn relu_keeps_nan_and_passes_its_gradient_on() {
+        // As PyTorch: relu(NaN) = NaN, and the gradient at NaN passes through.
+        let tape = Tape::<f64>::new();
+        let x = tape.var(array![f64::NAN, -1.0, 0.0, 2.0]);
+        let y = x.relu();
+        assert!(y.value()[0].is_nan());
+        assert_eq!(&y.value().as_slice().unwrap()[1..], &[0.0, 0.0, 2.0]);
+        let grads = y.backward_with(array![0.5, 0.5, 0.5, 0.5]).unwrap();
+        assert_eq!(grads.wrt(x).unwrap(), &array![0.5, 0.0, 0.0, 0.5].into_dyn());
+    }
+
+    #[test]
+    fn the_zeroth_power_has_derivative_zero_everywhere() {
+        // x⁰ = 1 for every x, 0 included: its derivative is 0 there too (PyTorch: 0), not
+        // 0 · 0⁻¹ = NaN.
+        let tape = Tape::<f64>::new();
+        let x = tape.var(array![0.0, 2.0, -3.0]);
+        let grads = (x.powf(0.0) + x.powi(0)).sum().backward().unwrap();
+        assert_eq!(grads.wrt(x).unwrap(), &array![0.0, 0.0, 0.0].into_dyn());
     }
 
     #[test]
