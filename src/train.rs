@@ -107,7 +107,7 @@ pub fn run(
 ) -> layers::Result<RunResult> {
     let start = Instant::now();
     let mut net = mlp(config.batchnorm, config.seed);
-    let mut optimizer = Sgd::new(config.learning_rate, 0.9);
+    let mut optimizer = Sgd::new(config.learning_rate, 0.9)?;
     let mut batches = StdRng::seed_from_u64(config.seed.wrapping_add(1));
     let features = as_f32(train);
     let mut order: Vec<usize> = (0..train.len()).collect();

@@ -19,7 +19,7 @@ pub enum Error {
         expected: String,
     },
     /// An argument has the wrong number of elements.
-    #[error("{name} has {got} elements, expected {expected} ({of})")]
+    #[error("{name} has {}, expected {expected} ({of})", count(*got, "element"))]
     Length {
         /// The argument (`gamma`, `running_mean`, `labels`, ...).
         name: &'static str,
@@ -33,7 +33,8 @@ pub enum Error {
     /// BatchNorm's training-mode statistics need at least two values per channel.
     #[error(
         "BatchNorm in training needs more than 1 value per channel, got input of shape {shape:?} \
-         ({per_channel} value per channel)"
+         ({} per channel)",
+        count(*per_channel, "value")
     )]
     SingleValuePerChannel {
         /// The input's shape.
@@ -61,15 +62,48 @@ pub enum Error {
         /// The number of classes (columns of the logits).
         classes: usize,
     },
+    /// A value that must be a number is NaN.
+    #[error("{name} has NaN at index {index:?}; expected numbers (a net that diverged gives NaN)")]
+    Nan {
+        /// The argument (`logits`, ...).
+        name: &'static str,
+        /// The index of its first NaN.
+        index: Vec<usize>,
+    },
     /// An optimizer was given a different set of parameters than before.
     #[error(
-        "optimizer state holds {expected} parameters, got {got}; use one optimizer per set of parameters"
+        "optimizer state holds {}, got {got}; use one optimizer per set of parameters",
+        count(*expected, "parameter")
     )]
     ParameterCount {
         /// Parameters the state was made for.
         expected: usize,
         /// Parameters given now.
         got: usize,
+    },
+    /// An optimizer was given a parameter of another shape than at its first step (the
+    /// parameters changed, or came in another order).
+    #[error(
+        "parameter {index} has shape {got:?}, expected {expected:?} (its shape at the optimizer's \
+         first step); give the optimizer the same parameters in the same order every step"
+    )]
+    ParameterShape {
+        /// The parameter's position in the list given to `step`.
+        index: usize,
+        /// Its shape at the first step.
+        expected: Vec<usize>,
+        /// Its shape now.
+        got: Vec<usize>,
+    },
+    /// An optimizer step with gradients of a tape on which no parameter was used.
+    #[error(
+        "none of the {} was used on the tape these gradients come from; run the forward pass \
+         (which binds them) on that tape before backward",
+        count(*parameters, "parameter")
+    )]
+    ForeignGradients {
+        /// The number of parameters given to `step`.
+        parameters: usize,
     },
     /// A state dictionary lacks a key the layer needs.
     #[error("state dict has no {key:?}; expected keys {expected:?}")]
@@ -93,6 +127,15 @@ impl From<Error> for TapeError {
             Error::Tape(inner) => inner,
             other => TapeError::op("layers", other),
         }
+    }
+}
+
+/// `n` and the noun, in the plural unless `n` is 1: "1 element", "3 elements".
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 

@@ -26,7 +26,7 @@
 //!     .push(BatchNorm::new(8))
 //!     .push(Activation::Tanh)
 //!     .push(Linear::new(8, 2, &mut rng));
-//! let mut opt = Sgd::new(0.1, 0.9);
+//! let mut opt = Sgd::new(0.1, 0.9)?;
 //! let x = array![[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]];
 //! let labels = [0, 1, 1, 0];
 //! for _ in 0..100 {

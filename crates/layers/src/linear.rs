@@ -51,30 +51,56 @@ impl<T: Element> Linear<T> {
         }
     }
 
-    /// Number of inputs.
+    /// Number of inputs: axis 1 of the weight (0 for a weight of rank below 2, which `forward`
+    /// rejects).
     pub fn in_features(&self) -> usize {
-        self.weight.value.shape()[1]
+        self.weight.value.shape().get(1).copied().unwrap_or(0)
     }
 
-    /// Number of outputs.
+    /// Number of outputs: axis 0 of the weight (0 for a weight of rank 0).
     pub fn out_features(&self) -> usize {
-        self.weight.value.shape()[0]
+        self.weight.value.shape().first().copied().unwrap_or(0)
+    }
+
+    /// Checks that the weight is `(out, in)` and the bias `(out,)`: both are public fields, so
+    /// they may have been replaced by arrays of other shapes.
+    fn check_parameters(&self) -> Result<()> {
+        let (out, weight) = (self.out_features(), self.weight.value.shape());
+        if weight.len() != 2 {
+            return Err(Error::Shape {
+                name: "weight",
+                got: weight.to_vec(),
+                expected: "rank 2, (out_features, in_features)".into(),
+            });
+        }
+        if self.bias.value.shape() != [out] {
+            return Err(Error::Shape {
+                name: "bias",
+                got: self.bias.value.shape().to_vec(),
+                expected: format!("[{out}] (out_features, axis 0 of the weight {weight:?})"),
+            });
+        }
+        Ok(())
     }
 }
 
 impl<T: Element> Module<T> for Linear<T> {
     /// # Errors
-    /// [`Error::Shape`] when `x` is not `(N, in_features)`.
+    /// [`Error::Shape`] when `x` is not `(N, in_features)`, or when the weight is not 2-D or the
+    /// bias not `(out_features,)`.
     fn forward<'t>(&mut self, x: Var<'t, T>, _mode: Mode) -> Result<Var<'t, T>> {
-        let shape = x.shape();
-        if shape.len() != 2 || shape[1] != self.in_features() {
+        self.check_parameters()?;
+        let (shape, in_features) = (x.shape(), self.in_features());
+        let expected = match shape.as_slice() {
+            [_, width] if *width == in_features => None,
+            [rows, _] => Some(format!("[{rows}, {in_features}]")),
+            _ => Some("rank 2".to_string()),
+        };
+        if let Some(expected) = expected {
             return Err(Error::Shape {
                 name: "x",
                 expected: format!(
-                    "[{}, {}] (N rows of in_features = {} for {})",
-                    shape.first().copied().unwrap_or(0),
-                    self.in_features(),
-                    self.in_features(),
+                    "{expected} (N rows of in_features = {in_features} for {})",
                     self.describe()
                 ),
                 got: shape,
@@ -142,6 +168,34 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "x has shape [4, 5], expected [4, 3] (N rows of in_features = 3 for Linear(3 -> 2))"
+        );
+        // A vector is not told about a row count it does not have ("expected [3, 3]").
+        let error = layer
+            .forward(tape.constant(ndarray::Array1::<f32>::zeros(3)), Mode::Train)
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "x has shape [3], expected rank 2 (N rows of in_features = 3 for Linear(3 -> 2))"
+        );
+    }
+
+    #[test]
+    fn replaced_parameters_of_the_wrong_shape_are_errors() {
+        // The weight and bias are public: a weight that is not 2-D panicked in in_features().
+        let mut layer = Linear::<f64>::new(3, 2, &mut StdRng::seed_from_u64(0));
+        layer.weight.value = ndarray::Array1::<f64>::zeros(6).into_dyn();
+        assert_eq!((layer.in_features(), layer.out_features()), (0, 6));
+        let tape = Tape::new();
+        let x = tape.constant(Array2::<f64>::zeros((4, 3)));
+        assert_eq!(
+            layer.forward(x, Mode::Train).unwrap_err().to_string(),
+            "weight has shape [6], expected rank 2, (out_features, in_features)"
+        );
+        layer.weight.value = Array2::<f64>::zeros((2, 3)).into_dyn();
+        layer.bias.value = ndarray::Array1::<f64>::zeros(3).into_dyn();
+        assert_eq!(
+            layer.forward(x, Mode::Train).unwrap_err().to_string(),
+            "bias has shape [3], expected [2] (out_features, axis 0 of the weight [2, 3])"
         );
     }
 }

@@ -14,15 +14,22 @@ use tape::{BackwardArgs, Element, Function, TapeError, Var};
 
 use crate::error::{Error, Result};
 
+/// The logits as `(N, classes)`, with at least one row and one class: the loss is a mean over
+/// rows, and a row's prediction is one of its classes.
 fn as_matrix<'a, T: Element>(logits: &ArrayViewD<'a, T>) -> Result<ArrayView2<'a, T>> {
-    logits
+    let shape_error = || Error::Shape {
+        name: "logits",
+        got: logits.shape().to_vec(),
+        expected: "rank 2, (N, classes), with at least one row and one class".into(),
+    };
+    let matrix = logits
         .clone()
         .into_dimensionality::<Ix2>()
-        .map_err(|_| Error::Shape {
-            name: "logits",
-            got: logits.shape().to_vec(),
-            expected: "rank 2 (N rows of class scores)".into(),
-        })
+        .map_err(|_| shape_error())?;
+    if matrix.is_empty() {
+        return Err(shape_error());
+    }
+    Ok(matrix)
 }
 
 fn check_labels(labels: &[usize], rows: usize, classes: usize) -> Result<()> {
@@ -71,12 +78,12 @@ impl<T: Element> Function<T> for SoftmaxCrossEntropy {
                 max + log_sum - row[label].as_f64()
             })
             .sum();
-        Ok(ndarray::arr0(T::from_f64_lossy(total / logits.nrows().max(1) as f64)).into_dyn())
+        Ok(ndarray::arr0(T::from_f64_lossy(total / logits.nrows() as f64)).into_dyn())
     }
 
     fn backward(&self, args: &BackwardArgs<'_, T>) -> tape::Result<Vec<Option<ArrayD<T>>>> {
         let logits = as_matrix(&args.inputs[0]).map_err(|e| TapeError::op("softmax_cross_entropy", e))?;
-        let g = args.grad_output.iter().next().map_or(0.0, |g| g.as_f64()) / logits.nrows().max(1) as f64;
+        let g = args.grad_output.iter().next().map_or(0.0, |g| g.as_f64()) / logits.nrows() as f64;
         let mut grad = logits.mapv(|_| T::zero());
         for ((row, mut grad_row), &label) in logits.outer_iter().zip(grad.outer_iter_mut()).zip(&self.labels)
         {
@@ -147,13 +154,20 @@ pub fn softmax_cross_entropy_composed<'t, T: Element>(
     Ok(log_sum_exp.try_sub(picked)?.mean())
 }
 
-/// Fraction of rows whose largest logit is at the label.
+/// Fraction of rows whose largest logit is at the label (the first of equal largest ones).
 ///
 /// # Errors
-/// As [`softmax_cross_entropy`] for shapes and labels.
+/// As [`softmax_cross_entropy`] for shapes and labels, and [`Error::Nan`] when a logit is NaN
+/// (a row with NaN has no largest logit: the net's output is not a prediction).
 pub fn accuracy<T: Element>(logits: &ArrayD<T>, labels: &[usize]) -> Result<f64> {
     let matrix = as_matrix(&logits.view())?;
     check_labels(labels, matrix.nrows(), matrix.ncols())?;
+    if let Some(((row, column), _)) = matrix.indexed_iter().find(|(_, z)| z.is_nan()) {
+        return Err(Error::Nan {
+            name: "logits",
+            index: vec![row, column],
+        });
+    }
     let correct = matrix
         .axis_iter(Axis(0))
         .zip(labels)
@@ -165,7 +179,7 @@ pub fn accuracy<T: Element>(logits: &ArrayD<T>, labels: &[usize]) -> Result<f64>
             best == **label
         })
         .count();
-    Ok(correct as f64 / matrix.nrows().max(1) as f64)
+    Ok(correct as f64 / matrix.nrows() as f64)
 }
 
 #[cfg(test)]
@@ -245,11 +259,45 @@ mod tests {
             softmax_cross_entropy(z, &[0, 4, 1]).unwrap_err().to_string(),
             "label 4 at row 1 is out of range for 4 classes"
         );
+        assert_eq!(
+            softmax_cross_entropy(tape.var(Array2::<f64>::zeros((1, 3))), &[])
+                .unwrap_err()
+                .to_string(),
+            "labels has 0 elements, expected 1 (rows of logits)"
+        );
+        assert_eq!(
+            softmax_cross_entropy(z, &[0]).unwrap_err().to_string(),
+            "labels has 1 element, expected 3 (rows of logits)"
+        );
         let flat = tape.var(ndarray::Array1::<f64>::zeros(4));
-        assert!(matches!(
-            softmax_cross_entropy(flat, &[0]),
-            Err(Error::Shape { name: "logits", .. })
-        ));
+        let expected = "expected rank 2, (N, classes), with at least one row and one class";
+        assert_eq!(
+            softmax_cross_entropy(flat, &[0]).unwrap_err().to_string(),
+            format!("logits has shape [4], {expected}")
+        );
+        // An empty batch has no mean loss and no accuracy (it gave -0.0 and 0).
+        let empty = Array2::<f64>::zeros((0, 3));
+        assert_eq!(
+            softmax_cross_entropy(tape.var(empty.clone()), &[])
+                .unwrap_err()
+                .to_string(),
+            format!("logits has shape [0, 3], {expected}")
+        );
+        assert!(accuracy(&empty.into_dyn(), &[]).is_err());
+        assert!(accuracy(&Array2::<f64>::zeros((2, 0)).into_dyn(), &[0, 0]).is_err());
+    }
+
+    #[test]
+    fn nan_logits_have_no_accuracy() {
+        // NaN compared false with every logit, so the row counted as a prediction of class 0.
+        let logits = array![[0.1, 0.9], [f64::NAN, 0.2]].into_dyn();
+        assert_eq!(
+            accuracy(&logits, &[1, 0]).unwrap_err().to_string(),
+            "logits has NaN at index [1, 0]; expected numbers (a net that diverged gives NaN)"
+        );
+        // Infinities are numbers: the largest logit is well defined.
+        let logits = array![[f64::NEG_INFINITY, f64::INFINITY], [1.0, f64::NEG_INFINITY]].into_dyn();
+        assert_eq!(accuracy(&logits, &[1, 0]).unwrap(), 1.0);
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub trait Module<T: Element> {
 /// assert_eq!(net.parameters().len(), 6); // two weights, two biases, BatchNorm's gamma and beta
 ///
 /// // One training step: forward on a new tape, loss, backward, update.
-/// let mut opt = Sgd::new(0.1, 0.9);
+/// let mut opt = Sgd::new(0.1, 0.9)?;
 /// let tape = Tape::new();
 /// let x = tape.constant(Array2::from_shape_fn((5, 4), |(i, j)| (i + 2 * j) as f64 / 7.0));
 /// let logits = net.forward(x, Mode::Train)?;

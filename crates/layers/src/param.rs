@@ -59,6 +59,12 @@ impl<T: Element> Parameter<T> {
         self.binding.get().and_then(|id| grads.get_id(id))
     }
 
+    /// Whether this parameter was bound to the tape `grads` come from (it took part in that
+    /// tape's forward pass).
+    pub fn is_bound_to(&self, grads: &Gradients<T>) -> bool {
+        self.binding.get().is_some_and(|id| grads.is_from(id))
+    }
+
     /// Number of scalar values.
     pub fn len(&self) -> usize {
         self.value.len()

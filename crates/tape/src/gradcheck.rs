@@ -539,10 +539,7 @@ mod tests {
         ));
         let error = check_gradients(|_, v| v[0].reshape(&[7]), &[uniform(&[2, 3], 0)]).unwrap_err();
         assert!(
-            matches!(
-                error,
-                GradCheckError::Function(TapeError::Reshape { .. })
-            ),
+            matches!(error, GradCheckError::Function(TapeError::Reshape { .. })),
             "{error}"
         );
     }

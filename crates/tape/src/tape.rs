@@ -479,6 +479,11 @@ impl<T: Element> Gradients<T> {
         self.get(var).ok_or(TapeError::NoGradient { index: var.index })
     }
 
+    /// Whether the variable with this identity is on the tape these gradients come from.
+    pub fn is_from(&self, id: VarId) -> bool {
+        id.tape == self.tape_id
+    }
+
     /// The gradient of the variable with this identity; see [`get`](Gradients::get).
     pub fn get_id(&self, id: VarId) -> Option<&ArrayD<T>> {
         if id.tape != self.tape_id {

@@ -226,7 +226,8 @@ impl<T: Element> BatchNorm<T> {
 
     /// PyTorch's update (sizes checked by `forward`).
     fn update_running_stats(&mut self, stats: &kernel::Stats, dims: Dims) {
-        self.num_batches_tracked += 1;
+        // Saturating: at 2⁶⁴ - 1 batches a wrap to 0 would divide by 0 for `momentum = None`.
+        self.num_batches_tracked = self.num_batches_tracked.saturating_add(1);
         let momentum = self.momentum.unwrap_or(1.0 / self.num_batches_tracked as f64);
         let m = dims.per_channel() as f64;
         let unbiased = m / (m - 1.0);
@@ -301,10 +302,11 @@ impl<T: Element> BatchNorm<T> {
                     });
                 }
             };
-            if !(value >= 0.0 && value.fract() == 0.0) {
+            // 2⁶⁴ and more do not fit the u64 count (`as` would saturate them silently).
+            if !(value >= 0.0 && value.fract() == 0.0 && value < 18_446_744_073_709_551_616.0) {
                 return Err(Error::InvalidSetting {
                     name: "num_batches_tracked",
-                    expected: "a whole number >= 0",
+                    expected: "a whole number in [0, 2^64)",
                     got: value,
                 });
             }
@@ -525,5 +527,38 @@ mod tests {
             "running_var has 4 elements, expected 3 (channels of x)"
         );
         assert_eq!(fresh.state_dict(), state, "a failed load changes nothing");
+    }
+
+    #[test]
+    fn a_batch_count_beyond_u64_is_an_error_not_a_saturated_count() {
+        // 2⁶⁴ saturated to u64::MAX, and the next training step wrapped the count to 0.
+        let mut bn = BatchNorm::<f64>::with_options(2, 1e-5, None, true, true).unwrap();
+        let mut state = bn.state_dict();
+        for count in [
+            18_446_744_073_709_551_616.0,
+            1e300,
+            f64::INFINITY,
+            -1.0,
+            2.5,
+            f64::NAN,
+        ] {
+            state.insert("num_batches_tracked".into(), ndarray::arr0(count).into_dyn());
+            let error = bn.load_state_dict(&state).unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!("num_batches_tracked must be a whole number in [0, 2^64), got {count}")
+            );
+        }
+        assert_eq!(bn.num_batches_tracked, 0);
+        // The largest count saturates instead of wrapping to 0 (cumulative average: 1 / count).
+        bn.num_batches_tracked = u64::MAX;
+        train_step(&mut bn, &normal(&[4, 2], 0.0, 1.0, 7));
+        assert_eq!(bn.num_batches_tracked, u64::MAX);
+        assert!(
+            bn.running_mean
+                .iter()
+                .chain(&bn.running_var)
+                .all(|v| v.is_finite())
+        );
     }
 }

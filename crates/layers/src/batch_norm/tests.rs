@@ -1,7 +1,7 @@
 //! The functional API: its examples, every rank, views, constant channels, extreme values and
 //! errors.
 
-use ndarray::{Array2, Axis, array, s};
+use ndarray::{Array2, ArrayD, Axis, array, s};
 
 use super::testing::{channel, normal};
 use super::*;
@@ -155,6 +155,49 @@ fn finite_extreme_input_never_gives_nan_or_inf() {
         batchnorm_backward(&array![[1.0, 0.5], [-2.0, 1.0], [0.3, 0.0], [0.1, -1.0]], &cache).unwrap();
     assert!(all_finite(&[&out, &dx], &[&dgamma, &dbeta]), "{out} {dx}");
     approx::assert_abs_diff_eq!(out.column(0).var(0.0), 1.0, epsilon = 1e-12);
+}
+
+/// `(out, dx, dgamma, dbeta)` of the functional API in f64 with `eps = 0`.
+fn forward_backward(x: &ArrayD<f64>, dout: &ArrayD<f64>) -> [ArrayD<f64>; 4] {
+    let c = x.shape()[1];
+    let (gamma, beta) = (channel(c, 1.0, 21), channel(c, 0.0, 22));
+    let (out, cache) = batchnorm_forward(x, &gamma, &beta, 0.0).unwrap();
+    let (dx, dgamma, dbeta) = batchnorm_backward(dout, &cache).unwrap();
+    [out, dx, dgamma.into_dyn(), dbeta.into_dyn()]
+}
+
+#[test]
+fn data_far_from_one_in_magnitude_gives_the_results_of_data_near_one() {
+    // With eps = 0, scaling x by s and dout by k scales dx by k / s, dgamma and dbeta by k, and
+    // leaves out unchanged: so data near 1e±170 must give the results of data near 1, scaled.
+    // Near 1e200 · 1e200, dout · (x - mean) overflowed (dgamma was inf, dx NaN); near 1e-170
+    // the variance underflowed to 0 and every value normalized to beta.
+    for shape in [&[6, 3][..], &[3, 2, 5]] {
+        let (x, dout) = (normal(shape, 0.5, 2.0, 23), normal(shape, 0.0, 1.0, 24));
+        let reference = forward_backward(&x, &dout);
+        for (s, k) in [(1e200, 1e200), (1e-170, 1.0), (1e-170, 1e-150), (1e150, 1e-100)] {
+            let scaled = forward_backward(&x.mapv(|v| v * s), &dout.mapv(|g| g * k));
+            let factors = [1.0, k / s, k, k];
+            let names = ["out", "dx", "dgamma", "dbeta"];
+            for (i, name) in names.iter().enumerate() {
+                let (got, expected, factor) = (&scaled[i], &reference[i], factors[i]);
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "{name} for x·{s:e}, dout·{k:e}: {got}"
+                );
+                let error = got
+                    .iter()
+                    .zip(expected)
+                    .map(|(g, e)| (g / factor - e).abs())
+                    .fold(0.0, f64::max);
+                let scale = expected.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                assert!(
+                    error <= 1e-12 * scale,
+                    "{name} for x·{s:e}, dout·{k:e}: off by {error:e} (shape {shape:?})"
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -304,16 +304,16 @@ mod imp {
         // The sums, then dx: one job on the thread pool (see `on_pool`).
         on_pool(dims.rows().parallel(), || {
             if layout == Layout::ChannelMajor {
-                // A channel's `dbeta = Σ dout` and `dgamma = Σ dout · (x - mean) · inv_std`.
+                // A channel's `dbeta = Σ dout` and `dgamma = Σ dout · x̂`.
                 let sums = |channel: usize| {
-                    let (sum_dout, sum_dout_xmu) = channel_grad_sums(dout, x, dims, channel, mean[channel]);
-                    (sum_dout, sum_dout_xmu * inv_std[channel])
+                    channel_grad_sums(dout, x, dims, channel, (mean[channel], inv_std[channel]))
                 };
                 let (dx, sums) = if want_dx {
                     let (dx, sums) = collect_by_group(dims.rows(), dims.c, |channel, out| {
                         let (dbeta, dgamma) = sums(channel);
                         let k = coefficients(channel, dbeta, dgamma);
-                        channel_input_grad((dout, x), dims, channel, out, mean[channel], k);
+                        let stats = (mean[channel], inv_std[channel]);
+                        channel_input_grad((dout, x), dims, channel, out, stats, k);
                         (dbeta, dgamma)
                     });
                     (Some(dx), sums)
@@ -323,14 +323,11 @@ mod imp {
                 let (dbeta, dgamma) = sums.into_iter().unzip();
                 return Grads { dx, dgamma, dbeta };
             }
-            let sums = grad_sums_row_major(dout, x, dims, mean);
-            let (dbeta, mut dgamma) = (sums.sum_dout, sums.sum_dout_xmu);
-            for (dgamma, inv_std) in dgamma.iter_mut().zip(inv_std) {
-                *dgamma *= inv_std; // Σ dout · (x - mean) · inv_std = Σ dout · x̂
-            }
+            let sums = grad_sums_row_major(dout, x, dims, (mean, inv_std));
+            let (dbeta, dgamma) = (sums.sum_dout, sums.sum_dout_xhat);
             let dx = want_dx.then(|| {
                 let k = InputGradCoefficients::new((gamma, inv_std), (&dbeta, &dgamma), m, batch_stats);
-                input_grad_row_major(dout, x, dims, mean, &k)
+                input_grad_row_major(dout, x, dims, (mean, inv_std), &k)
             });
             Grads { dx, dgamma, dbeta }
         })
@@ -383,6 +380,22 @@ fn lane_sum<T: Copy>(values: &[T], term: impl Fn(T) -> f64) -> f64 {
     }
     for (a, &v) in acc.iter_mut().zip(blocks.remainder()) {
         *a += term(v);
+    }
+    acc.iter().sum()
+}
+
+/// Sum of `term(a, b)` over the pairs of `a` and `b`, in [`LANES`] interleaved partial sums.
+#[inline(always)]
+fn lane_sum_of_pairs<T: Copy>(a: &[T], b: &[T], term: impl Fn(T, T) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let (mut blocks_a, mut blocks_b) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (block_a, block_b) in (&mut blocks_a).zip(&mut blocks_b) {
+        for ((acc, &a), &b) in acc.iter_mut().zip(block_a).zip(block_b) {
+            *acc += term(a, b);
+        }
+    }
+    for ((acc, &a), &b) in acc.iter_mut().zip(blocks_a.remainder()).zip(blocks_b.remainder()) {
+        *acc += term(a, b);
     }
     acc.iter().sum()
 }

@@ -46,19 +46,19 @@ pub(crate) struct Stats {
     pub mean: Vec<f64>,
     /// Biased variance (divided by `M`) of each channel.
     pub var: Vec<f64>,
-    /// Channels whose variance overflowed f64 (data beyond about 1e154), with what gives them a
-    /// finite standard deviation.
-    overflowed: Vec<(usize, Overflow)>,
+    /// Channels whose variance overflows or underflows f64 (data beyond about 1e154, or spreads
+    /// below about 1e-154), kept scaled.
+    scaled: Vec<(usize, Scaled)>,
 }
 
 impl Stats {
-    /// `1 / sqrt(var + eps)` per channel: finite where `var` overflowed, and 0 where
-    /// `var + eps == 0` (a constant channel with `eps = 0`, whose normalized value is then
-    /// defined as 0, so the output is `beta`, not NaN).
+    /// `1 / sqrt(var + eps)` per channel, from the scaled variance where `var` over- or
+    /// underflows, and 0 where `var + eps == 0` (a constant channel with `eps = 0`, whose
+    /// normalized value is then defined as 0, so the output is `beta`, not NaN).
     pub fn inv_std(&self, eps: f64) -> Vec<f64> {
         let mut inv_std = inv_std(&self.var, eps);
-        for (channel, overflow) in &self.overflowed {
-            inv_std[*channel] = overflow.inv_std(eps);
+        for (channel, scaled) in &self.scaled {
+            inv_std[*channel] = scaled.inv_std(eps);
         }
         inv_std
     }
@@ -70,31 +70,43 @@ impl Stats {
         let mut stats = Stats {
             mean: Vec::with_capacity(c),
             var: Vec::with_capacity(c),
-            overflowed: Vec::new(),
+            scaled: Vec::new(),
         };
-        for (channel, ChannelStats { mean, var, overflow }) in channels.into_iter().enumerate() {
+        for (channel, ChannelStats { mean, var, scaled }) in channels.into_iter().enumerate() {
             stats.mean.push(mean);
             stats.var.push(var);
-            if let Some(overflow) = overflow {
-                stats.overflowed.push((channel, overflow));
+            if let Some(scaled) = scaled {
+                stats.scaled.push((channel, scaled));
             }
         }
         stats
     }
 }
 
-/// A variance that overflowed f64, kept as `var / scale²` with its `scale`.
+/// A variance kept as `var / scale²` with its `scale` (the channel's largest magnitude): for
+/// data whose squared deviations overflow or underflow f64.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Overflow {
+pub(crate) struct Scaled {
     scale: f64,
     var_scaled: f64,
 }
 
-impl Overflow {
-    /// `1 / sqrt(var + eps)`, finite.
+impl Scaled {
+    /// `1 / sqrt(var + eps) = 1 / (scale · sqrt(var / scale² + eps / scale²))`, and 0 where
+    /// `var + eps` is 0. Where `eps / scale²` overflows, `eps` is so much larger than `var`
+    /// (which is at most `scale²`) that `1 / sqrt(var + eps)` is exact enough computed as it is.
     fn inv_std(&self, eps: f64) -> f64 {
-        let Overflow { scale, var_scaled } = *self;
-        1.0 / (scale * (var_scaled + eps / scale / scale).sqrt())
+        let Scaled { scale, var_scaled } = *self;
+        let eps_scaled = eps / scale / scale;
+        if !eps_scaled.is_finite() {
+            return 1.0 / (var_scaled * scale * scale + eps).sqrt();
+        }
+        let sum = var_scaled + eps_scaled;
+        if sum == 0.0 {
+            0.0
+        } else {
+            1.0 / (scale * sum.sqrt())
+        }
     }
 }
 
@@ -105,14 +117,14 @@ pub(crate) struct ChannelStats {
     pub mean: f64,
     /// Its biased variance.
     pub var: f64,
-    overflow: Option<Overflow>,
+    scaled: Option<Scaled>,
 }
 
 impl ChannelStats {
     /// `1 / sqrt(var + eps)`, as [`Stats::inv_std`].
     pub fn inv_std(&self, eps: f64) -> f64 {
-        match self.overflow {
-            Some(overflow) => overflow.inv_std(eps),
+        match self.scaled {
+            Some(scaled) => scaled.inv_std(eps),
             None => channel_inv_std(self.var, eps),
         }
     }
@@ -156,9 +168,9 @@ pub(crate) fn stats_row_major<T: Element>(x: &[T], dims: Dims) -> Stats {
     let mut stats = Stats {
         mean: offset,
         var: m2,
-        overflowed: Vec::new(),
+        scaled: Vec::new(),
     };
-    rescue_overflow(x, dims, &mut stats);
+    rescue_extremes(x, dims, &mut stats);
     stats
 }
 
@@ -175,9 +187,9 @@ pub(crate) fn channel_stats<T: Element>(x: &[T], dims: Dims, channel: usize) -> 
     let stats = ChannelStats {
         mean: x0 + offset,
         var: m2 / dims.per_channel() as f64,
-        overflow: None,
+        scaled: None,
     };
-    if stats.mean.is_finite() && stats.var.is_finite() {
+    if !needs_rescue(stats.mean, stats.var) {
         return stats;
     }
     rescue_channel(x, dims, channel).unwrap_or(stats)
@@ -392,25 +404,33 @@ fn two_pass(values: impl Iterator<Item = f64> + Clone, shift: f64) -> (f64, f64)
     (first + sum_e / count, sum_e2 - sum_e * sum_e / count)
 }
 
-/// For f64 data beyond about 1e150 in magnitude, whose squares overflow: recomputes those
-/// channels with values scaled by the channel's largest magnitude.
-fn rescue_overflow<T: Element>(x: &[T], dims: Dims, stats: &mut Stats) {
+/// Whether a channel's statistics must be computed again, scaled: where they overflowed (f64
+/// data beyond about 1e154 in magnitude, whose squares overflow), or where the variance is 0 or
+/// subnormal (a constant channel, or deviations below about 1e-154, whose squares underflow).
+fn needs_rescue(mean: f64, var: f64) -> bool {
+    !(mean.is_finite() && var.is_finite()) || var < f64::MIN_POSITIVE
+}
+
+/// Computes again, scaled by each channel's largest magnitude, the channels [`needs_rescue`]
+/// picks.
+fn rescue_extremes<T: Element>(x: &[T], dims: Dims, stats: &mut Stats) {
     for channel in 0..dims.c {
-        if stats.mean[channel].is_finite() && stats.var[channel].is_finite() {
+        if !needs_rescue(stats.mean[channel], stats.var[channel]) {
             continue;
         }
         if let Some(rescued) = rescue_channel(x, dims, channel) {
             stats.mean[channel] = rescued.mean;
             stats.var[channel] = rescued.var;
-            if let Some(overflow) = rescued.overflow {
-                stats.overflowed.push((channel, overflow));
+            if let Some(scaled) = rescued.scaled {
+                stats.scaled.push((channel, scaled));
             }
         }
     }
 }
 
-/// A channel's statistics recomputed with its values scaled by its largest magnitude (see
-/// [`rescue_overflow`]); `None` where that cannot help (all zero, or not finite).
+/// A channel's statistics computed with its values scaled by its largest magnitude (see
+/// [`needs_rescue`]); `None` where that cannot help (all zero, or not finite). The variance is
+/// kept scaled too, since `var_scaled · scale²` may over- or underflow again.
 #[cold]
 fn rescue_channel<T: Element>(x: &[T], dims: Dims, channel: usize) -> Option<ChannelStats> {
     let m = dims.per_channel() as f64;
@@ -419,12 +439,12 @@ fn rescue_channel<T: Element>(x: &[T], dims: Dims, channel: usize) -> Option<Cha
     if scale == 0.0 || !scale.is_finite() {
         return None;
     }
-    let mean = scale * values().map(|v| v / scale).sum::<f64>() / m;
-    let var_scaled = values().map(|v| ((v - mean) / scale).powi(2)).sum::<f64>() / m;
+    let mean = scale * (values().map(|v| v / scale).sum::<f64>() / m);
+    let var_scaled = values().map(|v| (v / scale - mean / scale).powi(2)).sum::<f64>() / m;
     Some(ChannelStats {
         mean,
-        var: var_scaled * scale * scale, // may still be inf
-        overflow: Some(Overflow { scale, var_scaled }),
+        var: var_scaled * scale * scale, // may over- or underflow
+        scaled: Some(Scaled { scale, var_scaled }),
     })
 }
 
