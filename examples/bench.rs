@@ -87,14 +87,29 @@ fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
                 .map_err(|_| format!("{d:?} in {text:?} is not a whole number"))
         })
         .collect::<Result<_, _>>()?;
-    if (2..=5).contains(&shape.len()) {
-        Ok(shape)
-    } else {
-        Err(format!(
+    if !(2..=5).contains(&shape.len()) {
+        return Err(format!(
             "{text:?} has rank {}, expected 2 to 5 (like 4096x4096)",
             shape.len()
-        ))
+        ));
     }
+    if shape.contains(&0) {
+        return Err(format!("{text:?} has a size of 0; every size must be at least 1"));
+    }
+    if shape
+        .iter()
+        .try_fold(1usize, |count, &size| count.checked_mul(size))
+        .is_none()
+    {
+        return Err(format!("{text:?} is larger than an array can be"));
+    }
+    // Training-mode statistics need two values per channel: N times the spatial sizes.
+    if shape[0] * shape[2..].iter().product::<usize>() < 2 {
+        return Err(format!(
+            "{text:?} has 1 value per channel, expected at least 2 (BatchNorm in training)"
+        ));
+    }
+    Ok(shape)
 }
 
 /// Repetition budget: at least `min_runs`, and until `min_time` has passed (at most

@@ -20,6 +20,7 @@ enum Dtype {
 
 /// Check BatchNorm against golden results (PyTorch's format: see tests/data/README.md).
 #[derive(Parser, Debug)]
+#[command(allow_negative_numbers = true)]
 struct Args {
     /// The golden JSON file.
     path: std::path::PathBuf,
@@ -63,6 +64,10 @@ fn run(args: &Args) -> Result<bool, GoldenError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(tol) = args.tol.filter(|tol| !(tol.is_finite() && *tol >= 0.0)) {
+        eprintln!("error: --tol must be a finite number >= 0, got {tol}");
+        return ExitCode::from(2);
+    }
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),

@@ -26,7 +26,7 @@ use plotters::prelude::*;
 
 /// Train a 3 × 100 sigmoid MLP on handwritten digits, with and without BatchNorm.
 #[derive(Parser, Debug)]
-#[command(about, long_about = None)]
+#[command(about, long_about = None, allow_negative_numbers = true)]
 struct Args {
     /// Optimisation steps per run (mini-batches).
     #[arg(long, default_value_t = 1500)]
@@ -55,29 +55,71 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    match run() {
+    let args = Args::parse();
+    // Every flag is checked before any work; a bad one exits with 2, as clap's own errors do.
+    if let Err(error) = check(&args) {
+        eprintln!("error: {error}");
+        return std::process::ExitCode::from(2);
+    }
+    match run(&args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
+        Err(Failure::Flag(error)) => {
+            eprintln!("error: {error}");
+            std::process::ExitCode::from(2)
+        }
+        Err(Failure::Run(error)) => {
             eprintln!("error: {error}");
             std::process::ExitCode::FAILURE
         }
     }
 }
 
-fn run() -> Result<(), Box<dyn Error>> {
-    let args = Args::parse();
-    if args.steps == 0 || args.batch_size == 0 || args.eval_every == 0 {
-        return Err("--steps, --batch-size and --eval-every must be at least 1".into());
+/// Why `run` stopped: a flag that only the data shows to be bad (exit 2), or the work (exit 1).
+enum Failure {
+    Flag(String),
+    Run(Box<dyn Error>),
+}
+
+impl<E: Into<Box<dyn Error>>> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Failure::Run(error.into())
     }
-    let data = digits::load(&args.data)?;
-    let (train_raw, test_raw) = digits::split(&data, 0.2, args.seed);
+}
+
+/// Checks each flag, naming the first bad one and its value; creates the output folder and
+/// checks that it can be written to, so that no training is lost to it at the end.
+fn check(args: &Args) -> Result<(), String> {
+    for (flag, value) in [
+        ("--steps", args.steps),
+        ("--batch-size", args.batch_size),
+        ("--eval-every", args.eval_every),
+    ] {
+        if value == 0 {
+            return Err(format!("{flag} must be at least 1, got 0"));
+        }
+    }
+    for (flag, value) in [("--lr", args.lr), ("--high-lr", args.high_lr)] {
+        if !(value.is_finite() && value > 0.0) {
+            return Err(format!("{flag} must be a finite number > 0, got {value}"));
+        }
+    }
+    let out = &args.out;
+    std::fs::create_dir_all(out).map_err(|e| format!("--out {}: cannot create it: {e}", out.display()))?;
+    let probe = out.join(".train-write-check");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| format!("--out {}: cannot write there: {e}", out.display()))
+}
+
+fn run(args: &Args) -> Result<(), Failure> {
+    let data = digits::load(&args.data).map_err(|e| format!("--data: {e}"))?;
+    let (train_raw, test_raw) = digits::split(&data, 0.2, args.seed)?;
     if args.batch_size > train_raw.len() {
-        return Err(format!(
-            "--batch-size {} is larger than the {} training images",
-            args.batch_size,
-            train_raw.len()
-        )
-        .into());
+        return Err(Failure::Flag(format!(
+            "--batch-size must be at most the {} training images, got {}",
+            train_raw.len(),
+            args.batch_size
+        )));
     }
     let scaler = Standardizer::fit(&train_raw);
     let (train_set, test_set) = (scaler.apply(&train_raw), scaler.apply(&test_raw));
@@ -135,7 +177,6 @@ fn run() -> Result<(), Box<dyn Error>> {
     print_table(&results);
     println!();
 
-    std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
     let png = args.out.join("accuracy.png");
     let svg = args.out.join("accuracy.svg");
     plot(&results, BitMapBackend::new(&png, (960, 600)).into_drawing_area())?;

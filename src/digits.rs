@@ -14,6 +14,8 @@ use rand::seq::SliceRandom;
 pub const FEATURES: usize = 64;
 /// Digits 0..9.
 pub const CLASSES: usize = 10;
+/// The largest pixel value (pixels are 0..=16).
+pub const MAX_PIXEL: u8 = 16;
 
 /// Why the data could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -38,18 +40,76 @@ pub enum DataError {
     /// No rows.
     #[error("the data has no rows")]
     Empty,
+    /// Images and labels that do not fit together.
+    #[error("{problem}")]
+    Shape {
+        /// What is wrong, with what was expected.
+        problem: String,
+    },
+    /// An index past the last image.
+    #[error("index {index} is out of range for {len} images")]
+    Index {
+        /// The index given.
+        index: usize,
+        /// The number of images.
+        len: usize,
+    },
+    /// A setting is out of its range.
+    #[error("{name} must be {expected}, got {got}")]
+    Setting {
+        /// The setting.
+        name: &'static str,
+        /// Its valid range, in words.
+        expected: &'static str,
+        /// The value given.
+        got: f64,
+    },
 }
 
-/// Images and their labels.
+/// Images and their labels: one row of 64 values and one digit per image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
-    /// One row of 64 pixel values per image.
-    pub features: Array2<f64>,
-    /// The digit of each image.
-    pub labels: Vec<usize>,
+    features: Array2<f64>,
+    labels: Vec<usize>,
 }
 
 impl Dataset {
+    /// Images `(N, 64)` and their `N` digits.
+    ///
+    /// # Errors
+    /// [`DataError::Shape`] when `features` is not 64 wide, the labels are not one per row, or a
+    /// label is not a digit 0..9.
+    pub fn new(features: Array2<f64>, labels: Vec<usize>) -> Result<Dataset, DataError> {
+        let shape_error = |problem: String| Err(DataError::Shape { problem });
+        if features.ncols() != FEATURES {
+            return shape_error(format!(
+                "features have {} columns, expected {FEATURES}",
+                features.ncols()
+            ));
+        }
+        if labels.len() != features.nrows() {
+            return shape_error(format!(
+                "{} labels for {} images, expected one per image",
+                labels.len(),
+                features.nrows()
+            ));
+        }
+        if let Some((row, label)) = labels.iter().enumerate().find(|&(_, &label)| label >= CLASSES) {
+            return shape_error(format!("label {label} of image {row} is not a digit 0..9"));
+        }
+        Ok(Dataset { features, labels })
+    }
+
+    /// One row of 64 values per image.
+    pub fn features(&self) -> &Array2<f64> {
+        &self.features
+    }
+
+    /// The digit of each image.
+    pub fn labels(&self) -> &[usize] {
+        &self.labels
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.labels.len()
@@ -61,11 +121,20 @@ impl Dataset {
     }
 
     /// The images at `indices`, in that order.
-    pub fn select(&self, indices: &[usize]) -> Dataset {
-        Dataset {
+    ///
+    /// # Errors
+    /// [`DataError::Index`] for an index past the last image.
+    pub fn select(&self, indices: &[usize]) -> Result<Dataset, DataError> {
+        if let Some(&index) = indices.iter().find(|&&index| index >= self.len()) {
+            return Err(DataError::Index {
+                index,
+                len: self.len(),
+            });
+        }
+        Ok(Dataset {
             features: self.features.select(Axis(0), indices),
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
-        }
+        })
     }
 }
 
@@ -109,11 +178,18 @@ pub fn parse(reader: impl BufRead) -> Result<Dataset, DataError> {
                 FEATURES + 1
             )));
         }
-        for field in &fields[..FEATURES] {
-            let value: f64 = field
+        for (column, field) in fields[..FEATURES].iter().enumerate() {
+            // Pixels are whole numbers 0..=16: NaN, inf, -5 or 100 are not pixels.
+            let value: u8 = field
                 .parse()
-                .map_err(|_| line_error(format!("pixel {field:?} is not a number")))?;
-            pixels.push(value);
+                .ok()
+                .filter(|&value| value <= MAX_PIXEL)
+                .ok_or_else(|| {
+                    line_error(format!(
+                        "pixel {column} is {field:?}, expected a whole number 0..16"
+                    ))
+                })?;
+            pixels.push(f64::from(value));
         }
         let label: usize = fields[FEATURES]
             .parse()
@@ -130,23 +206,31 @@ pub fn parse(reader: impl BufRead) -> Result<Dataset, DataError> {
     Ok(Dataset { features, labels })
 }
 
-/// A seeded shuffle split: `(train, test)` with `test_fraction` of the images in `test`.
-pub fn split(data: &Dataset, test_fraction: f64, seed: u64) -> (Dataset, Dataset) {
+/// A seeded shuffle split: `(train, test)` with `test_fraction` of the images in `test`
+/// (rounded to a whole number of images).
+///
+/// # Errors
+/// [`DataError::Setting`] unless `test_fraction` is in `[0, 1]`.
+pub fn split(data: &Dataset, test_fraction: f64, seed: u64) -> Result<(Dataset, Dataset), DataError> {
+    if !(0.0..=1.0).contains(&test_fraction) {
+        return Err(DataError::Setting {
+            name: "test_fraction",
+            expected: "in [0, 1]",
+            got: test_fraction,
+        });
+    }
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.shuffle(&mut StdRng::seed_from_u64(seed));
     let test_len = ((data.len() as f64) * test_fraction).round() as usize;
-    let (test, train) = order.split_at(test_len);
-    (data.select(train), data.select(test))
+    let (test, train) = order.split_at(test_len.min(order.len()));
+    Ok((data.select(train)?, data.select(test)?))
 }
 
 /// Per-feature mean and standard deviation of a training split.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Standardizer {
-    /// Mean of each feature.
-    pub mean: Array1<f64>,
-    /// Standard deviation of each feature (1 where a feature is constant, such as a border
-    /// pixel that is always 0, so it maps to 0 rather than NaN).
-    pub std: Array1<f64>,
+    mean: Array1<f64>,
+    std: Array1<f64>,
 }
 
 impl Standardizer {
@@ -161,6 +245,17 @@ impl Standardizer {
             .std_axis(Axis(0), 0.0)
             .mapv(|s| if s > 0.0 { s } else { 1.0 });
         Standardizer { mean, std }
+    }
+
+    /// Mean of each feature.
+    pub fn mean(&self) -> &Array1<f64> {
+        &self.mean
+    }
+
+    /// Standard deviation of each feature (1 where a feature is constant, such as a border
+    /// pixel that is always 0, so it maps to 0 rather than NaN).
+    pub fn std(&self) -> &Array1<f64> {
+        &self.std
     }
 
     /// `(x - mean) / std` for every image.
@@ -185,8 +280,8 @@ mod tests {
     fn parses_rows_and_reports_bad_lines() {
         let text = format!("{}{}", line(3), line(9));
         let data = parse(text.as_bytes()).unwrap();
-        assert_eq!((data.len(), data.labels.clone()), (2, vec![3, 9]));
-        assert_eq!(data.features[[1, 16]], 16.0);
+        assert_eq!((data.len(), data.labels()), (2, &[3, 9][..]));
+        assert_eq!(data.features()[[1, 16]], 16.0);
         let bad = format!("{}1,2,3\n", line(0));
         assert_eq!(
             parse(bad.as_bytes()).unwrap_err().to_string(),
@@ -198,26 +293,82 @@ mod tests {
             "line 1: label \"12\" is not a digit 0..9"
         );
         assert!(matches!(parse("".as_bytes()), Err(DataError::Empty)));
+        // Pixels outside 0..=16 were read as they were.
+        for (pixel, shown) in [
+            ("NaN", "\"NaN\""),
+            ("inf", "\"inf\""),
+            ("-5", "\"-5\""),
+            ("100", "\"100\""),
+            ("2.5", "\"2.5\""),
+        ] {
+            let bad = line(1).replacen("0,", &format!("{pixel},"), 1);
+            assert_eq!(
+                parse(bad.as_bytes()).unwrap_err().to_string(),
+                format!("line 1: pixel 0 is {shown}, expected a whole number 0..16")
+            );
+        }
+    }
+
+    #[test]
+    fn datasets_that_do_not_fit_together_are_errors() {
+        let data = parse(format!("{}{}", line(3), line(9)).as_bytes()).unwrap();
+        // Indices past the end panicked inside ndarray.
+        assert_eq!(
+            data.select(&[1, 2]).unwrap_err().to_string(),
+            "index 2 is out of range for 2 images"
+        );
+        assert_eq!(data.select(&[1, 0]).unwrap().labels(), &[9, 3]);
+        let features = data.features().clone();
+        for (labels, message) in [
+            (vec![1], "1 labels for 2 images, expected one per image"),
+            (vec![1, 10], "label 10 of image 1 is not a digit 0..9"),
+        ] {
+            assert_eq!(
+                Dataset::new(features.clone(), labels).unwrap_err().to_string(),
+                message
+            );
+        }
+        let narrow = ndarray::Array2::zeros((2, 3));
+        assert_eq!(
+            Dataset::new(narrow, vec![0, 1]).unwrap_err().to_string(),
+            "features have 3 columns, expected 64"
+        );
+    }
+
+    #[test]
+    fn a_test_fraction_outside_zero_to_one_is_an_error() {
+        // Above 1 it split past the end of the data.
+        let data = parse((0..10).map(|i| line(i % 10)).collect::<String>().as_bytes()).unwrap();
+        for fraction in [1.5, -0.1, f64::NAN] {
+            assert_eq!(
+                split(&data, fraction, 0).unwrap_err().to_string(),
+                format!("test_fraction must be in [0, 1], got {fraction}")
+            );
+        }
+        let (train, test) = split(&data, 1.0, 0).unwrap();
+        assert_eq!((train.len(), test.len()), (0, 10));
     }
 
     #[test]
     fn the_split_is_seeded_and_the_standardizer_uses_train_only() {
         let text: String = (0..50).map(|i| line(i % 10)).collect();
-        let mut data = parse(text.as_bytes()).unwrap();
-        data.features
+        let data = parse(text.as_bytes()).unwrap();
+        let mut features = data.features().clone();
+        features
             .column_mut(5)
             .iter_mut()
             .enumerate()
             .for_each(|(i, v)| *v = i as f64);
-        let (train, test) = split(&data, 0.2, 7);
+        let data = Dataset::new(features, data.labels().to_vec()).unwrap();
+        let (train, test) = split(&data, 0.2, 7).unwrap();
         assert_eq!((train.len(), test.len()), (40, 10));
-        assert_eq!(split(&data, 0.2, 7), (train.clone(), test.clone()));
-        assert_ne!(split(&data, 0.2, 8).1, test);
+        assert_eq!(split(&data, 0.2, 7).unwrap(), (train.clone(), test.clone()));
+        assert_ne!(split(&data, 0.2, 8).unwrap().1, test);
         let scaler = Standardizer::fit(&train);
         let scaled = scaler.apply(&train);
-        approx::assert_abs_diff_eq!(scaled.features.column(5).mean().unwrap(), 0.0, epsilon = 1e-12);
-        approx::assert_abs_diff_eq!(scaled.features.column(5).std(0.0), 1.0, epsilon = 1e-12);
+        approx::assert_abs_diff_eq!(scaled.features().column(5).mean().unwrap(), 0.0, epsilon = 1e-12);
+        approx::assert_abs_diff_eq!(scaled.features().column(5).std(0.0), 1.0, epsilon = 1e-12);
         // A constant column stays finite.
-        assert!(scaler.apply(&test).features.iter().all(|v| v.is_finite()));
+        assert!(scaler.apply(&test).features().iter().all(|v| v.is_finite()));
     }
 }

@@ -225,6 +225,12 @@ impl<'a> Obj<'a> {
             .ok_or_else(|| format_error(format!("{}.{key}", self.at), "expected a number"))
     }
 
+    fn count(&self, key: &str) -> Result<u64, GoldenError> {
+        self.field(key)?
+            .as_u64()
+            .ok_or_else(|| format_error(format!("{}.{key}", self.at), "expected a whole number >= 0"))
+    }
+
     fn tensor(&self, key: &str) -> Result<Tensor, GoldenError> {
         let at = format!("{}.{key}", self.at);
         let value = self.field(key)?;
@@ -238,12 +244,21 @@ impl<'a> Obj<'a> {
             .and_then(Value::as_array)
             .and_then(|values| values.iter().map(Value::as_f64).collect())
             .ok_or_else(|| format_error(&at, "expected \"data\": an array of numbers"))?;
-        let count: usize = shape.iter().product();
-        if data.len() != count {
-            return Err(format_error(
-                &at,
-                format!("shape {shape:?} needs {count} values, data has {}", data.len()),
-            ));
+        let count = element_count(&shape);
+        match count {
+            None => {
+                return Err(format_error(
+                    &at,
+                    format!("shape {shape:?} is larger than an array can be"),
+                ));
+            }
+            Some(count) if count != data.len() => {
+                return Err(format_error(
+                    &at,
+                    format!("shape {shape:?} needs {count} values, data has {}", data.len()),
+                ));
+            }
+            Some(_) => {}
         }
         Ok(Tensor { shape, data })
     }
@@ -251,6 +266,18 @@ impl<'a> Obj<'a> {
     fn tensors(&self, keys: &[&'static str]) -> Result<Vec<(&'static str, Tensor)>, GoldenError> {
         keys.iter().map(|&key| Ok((key, self.tensor(key)?))).collect()
     }
+}
+
+/// The number of values of an array of `shape`, checked: `None` where the product of its
+/// non-zero sizes exceeds `isize::MAX` (no array of it can exist; unchecked, a crafted shape's
+/// product wraps and can pass for the data's length).
+fn element_count(shape: &[usize]) -> Option<usize> {
+    let nonzero = shape
+        .iter()
+        .filter(|&&size| size != 0)
+        .try_fold(1usize, |count, &size| count.checked_mul(size))
+        .filter(|&count| count <= isize::MAX as usize)?;
+    Some(if shape.contains(&0) { 0 } else { nonzero })
 }
 
 fn parse_case(index: usize, value: &Value) -> Result<Case, GoldenError> {
@@ -298,11 +325,10 @@ fn parse_case(index: usize, value: &Value) -> Result<Case, GoldenError> {
                         at: format!("{}.train_steps[{i}]", case.at),
                         value: step,
                     };
-                    let count = step.number("num_batches_tracked")?;
                     Ok(Step {
                         x: step.tensor("x")?,
                         expected: step.tensors(&["out", "running_mean", "running_var"])?,
-                        num_batches_tracked: count as u64,
+                        num_batches_tracked: step.count("num_batches_tracked")?,
                     })
                 })
                 .collect::<Result<_, GoldenError>>()?;
@@ -316,10 +342,10 @@ fn parse_case(index: usize, value: &Value) -> Result<Case, GoldenError> {
                 expected: case.tensors(&["eval_out", "eval_dx", "eval_dgamma", "eval_dbeta"])?,
             })
         }
-        other => {
+        _ => {
             return Err(format_error(
                 format!("{}.kind", case.at),
-                format!("expected \"train\" or \"sequence\", got {other:?}"),
+                format!("expected \"train\" or \"sequence\", got {}", case.field("kind")?),
             ));
         }
     };

@@ -18,6 +18,85 @@ use tape::Tape;
 
 use crate::digits::{CLASSES, Dataset, FEATURES};
 
+/// Why a run could not be made or finished.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// A setting of the run is out of its range.
+    #[error("{name} must be {expected}, got {got}")]
+    Setting {
+        /// The setting (`steps`, `batch_size`, ...).
+        name: &'static str,
+        /// Its valid range, in words.
+        expected: String,
+        /// The value given.
+        got: String,
+    },
+    /// The training loss stopped being a number: the net diverged.
+    #[error(
+        "run {run:?} diverged: the training loss is {loss} at step {step} (learning rate {lr}; \
+         try a lower one)"
+    )]
+    Diverged {
+        /// The run's name.
+        run: String,
+        /// The step.
+        step: usize,
+        /// The loss (NaN or infinite).
+        loss: f64,
+        /// The run's learning rate.
+        lr: f64,
+    },
+    /// An error of the layers (a shape, or the optimizer's settings).
+    #[error(transparent)]
+    Layer(#[from] layers::Error),
+}
+
+impl From<tape::TapeError> for TrainError {
+    fn from(error: tape::TapeError) -> Self {
+        TrainError::Layer(error.into())
+    }
+}
+
+impl RunConfig {
+    /// Checks the run against its training data: at least one step, one image per batch and one
+    /// step between evaluations, a batch no larger than the data, a finite learning rate >= 0.
+    ///
+    /// # Errors
+    /// [`TrainError::Setting`] naming the setting and its value.
+    pub fn check(&self, train_images: usize) -> Result<(), TrainError> {
+        let at_least_one = |name, value: usize| {
+            if value >= 1 {
+                Ok(())
+            } else {
+                Err(TrainError::Setting {
+                    name,
+                    expected: "at least 1".into(),
+                    got: value.to_string(),
+                })
+            }
+        };
+        at_least_one("steps", self.steps)?;
+        at_least_one("batch_size", self.batch_size)?;
+        at_least_one("eval_every", self.eval_every)?;
+        if self.batch_size > train_images {
+            return Err(TrainError::Setting {
+                name: "batch_size",
+                expected: format!("at most the {train_images} training images"),
+                got: self.batch_size.to_string(),
+            });
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return Err(TrainError::Setting {
+                name: "learning_rate",
+                expected: "a finite number >= 0".into(),
+                got: self.learning_rate.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Hidden units per layer.
 pub const HIDDEN: usize = 100;
 /// Hidden layers.
@@ -81,7 +160,7 @@ pub fn mlp(batchnorm: bool, seed: u64) -> Sequential<f32> {
 }
 
 fn as_f32(data: &Dataset) -> ndarray::Array2<f32> {
-    data.features.mapv(|v| v as f32)
+    data.features().mapv(|v| v as f32)
 }
 
 /// Test accuracy in evaluation mode (BatchNorm uses its running statistics).
@@ -91,20 +170,23 @@ fn as_f32(data: &Dataset) -> ndarray::Array2<f32> {
 pub fn evaluate(net: &mut Sequential<f32>, test: &Dataset) -> layers::Result<f64> {
     let tape = Tape::new();
     let logits = net.forward(tape.constant(as_f32(test)), Mode::Eval)?;
-    accuracy(&logits.value(), &test.labels)
+    accuracy(&logits.value(), test.labels())
 }
 
 /// Trains one net on `train`, measuring test accuracy on `test` as it goes. `on_step` is called
 /// after every step with the step number and the latest test accuracy (for progress display).
 ///
 /// # Errors
-/// A layer or tape error (only on inconsistent shapes).
+/// [`TrainError::Setting`] for a configuration [`RunConfig::check`] rejects,
+/// [`TrainError::Diverged`] when the training loss becomes NaN or infinite, and a layer error
+/// for data of the wrong shape (or an empty test set).
 pub fn run(
     config: &RunConfig,
     train: &Dataset,
     test: &Dataset,
     mut on_step: impl FnMut(usize, f64),
-) -> layers::Result<RunResult> {
+) -> Result<RunResult, TrainError> {
+    config.check(train.len())?;
     let start = Instant::now();
     let mut net = mlp(config.batchnorm, config.seed);
     let mut optimizer = Sgd::new(config.learning_rate, 0.9)?;
@@ -122,17 +204,26 @@ pub fn run(
         }
         let batch = &order[cursor..cursor + config.batch_size];
         cursor += config.batch_size;
-        let labels: Vec<usize> = batch.iter().map(|&i| train.labels[i]).collect();
+        let labels: Vec<usize> = batch.iter().map(|&i| train.labels()[i]).collect();
 
         let tape = Tape::new();
         let x = tape.constant(features.select(Axis(0), batch));
         let loss = softmax_cross_entropy(net.forward(x, Mode::Train)?, &labels)?;
+        let loss_value = f64::from(loss.scalar());
+        if !loss_value.is_finite() {
+            return Err(TrainError::Diverged {
+                run: config.name.clone(),
+                step,
+                loss: loss_value,
+                lr: config.learning_rate,
+            });
+        }
         let grads = loss.backward()?;
         optimizer.step(net.parameters_mut(), &grads)?;
 
         if step % config.eval_every == 0 || step == config.steps {
             curve.push((step, evaluate(&mut net, test)?));
-            losses.push((step, f64::from(loss.scalar())));
+            losses.push((step, loss_value));
         }
         on_step(step, curve.last().map_or(0.0, |&(_, a)| a));
     }
@@ -176,7 +267,7 @@ mod tests {
 
     fn data() -> (Dataset, Dataset) {
         let data = digits::load(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz")).unwrap();
-        let (train, test) = digits::split(&data, 0.2, 0);
+        let (train, test) = digits::split(&data, 0.2, 0).unwrap();
         let scaler = digits::Standardizer::fit(&train);
         (scaler.apply(&train), scaler.apply(&test))
     }
@@ -204,6 +295,77 @@ mod tests {
             64 * 100 + 100 + 2 * (100 * 100 + 100) + 100 * 10 + 10
         );
         assert_eq!(with_bn.parameter_count(), plain.parameter_count() + 3 * 200);
+    }
+
+    #[test]
+    fn bad_settings_are_errors_before_any_step() {
+        // eval_every = 0 divided by zero, a batch larger than the data sliced past its end.
+        let (train, test) = data();
+        let cases = [
+            (
+                RunConfig {
+                    eval_every: 0,
+                    ..config(true)
+                },
+                "eval_every must be at least 1, got 0",
+            ),
+            (
+                RunConfig {
+                    steps: 0,
+                    ..config(true)
+                },
+                "steps must be at least 1, got 0",
+            ),
+            (
+                RunConfig {
+                    batch_size: 0,
+                    ..config(true)
+                },
+                "batch_size must be at least 1, got 0",
+            ),
+            (
+                RunConfig {
+                    batch_size: 5000,
+                    ..config(true)
+                },
+                "batch_size must be at most the 1438 training images, got 5000",
+            ),
+            (
+                RunConfig {
+                    learning_rate: f64::NAN,
+                    ..config(true)
+                },
+                "learning_rate must be a finite number >= 0, got NaN",
+            ),
+        ];
+        for (bad, message) in cases {
+            let mut steps = 0;
+            let error = run(&bad, &train, &test, |_, _| steps += 1).unwrap_err();
+            assert_eq!((error.to_string(), steps), (message.to_string(), 0));
+        }
+    }
+
+    #[test]
+    fn a_net_that_diverges_is_an_error_naming_the_run_and_step() {
+        // At lr 1e38 the f32 weights overflow and the loss turns NaN; the accuracy of NaN logits used to
+        // print as the share of label 0.
+        let (train, test) = data();
+        let wild = RunConfig {
+            name: "wild".into(),
+            learning_rate: 1e38,
+            ..config(false)
+        };
+        let error = run(&wild, &train, &test, |_, _| {}).unwrap_err();
+        assert!(
+            matches!(error, TrainError::Diverged { step, .. } if step <= 60),
+            "{error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .starts_with("run \"wild\" diverged: the training loss is"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -80,7 +80,12 @@ fn malformed_files_get_clear_errors() {
     );
     assert_eq!(
         format_problem(r#"{"cases": [{"name": "b", "kind": "test", "eps": 1e-5}]}"#),
-        "cases[0] (\"b\").kind: expected \"train\" or \"sequence\", got Some(\"test\")"
+        "cases[0] (\"b\").kind: expected \"train\" or \"sequence\", got \"test\""
+    );
+    // A kind that is not a string said "got None".
+    assert_eq!(
+        format_problem(r#"{"cases": [{"name": "c", "kind": 7, "eps": 1e-5}]}"#),
+        "cases[0] (\"c\").kind: expected \"train\" or \"sequence\", got 7"
     );
     // Take a real case and break one array.
     let text = std::fs::read_to_string(GOLDEN).unwrap();
@@ -91,6 +96,37 @@ fn malformed_files_get_clear_errors() {
     );
     let broken = text.replacen("\"shape\": [3, 2]", "\"shape\": [3, -2]", 1);
     assert!(format_problem(&broken).contains("expected {\"shape\": [whole numbers]"));
+    // A shape whose product overflows usize: 2⁶³ · 2 wrapped to 0, then 2⁶³ + 3 times 2 to the
+    // 6 values of the data; the golden example then panicked instead of exiting with 2.
+    let huge = text.replacen("\"shape\": [3, 2]", "\"shape\": [9223372036854775811, 2]", 1);
+    assert_eq!(
+        format_problem(&huge),
+        "cases[0] (\"seed_example_1\").x: shape [9223372036854775811, 2] is larger than an array can be"
+    );
+    // No values for a shape of 0 elements whose other sizes no array can have.
+    let empty = text.replacen(
+        "\"shape\": [3, 2], \"data\": [",
+        "\"shape\": [0, 9223372036854775811], \"data\": [], \"old\": [",
+        1,
+    );
+    assert_ne!(empty, text);
+    assert!(
+        format_problem(&empty).ends_with("shape [0, 9223372036854775811] is larger than an array can be")
+    );
+    // A count that is not a whole number >= 0 was cast (-1 became 0, 2.5 became 2).
+    for count in ["-1", "2.5", "\"3\""] {
+        let broken = text.replacen(
+            "\"num_batches_tracked\": 1",
+            &format!("\"num_batches_tracked\": {count}"),
+            1,
+        );
+        assert_ne!(broken, text, "the file has a sequence case");
+        assert!(
+            format_problem(&broken).ends_with("num_batches_tracked: expected a whole number >= 0"),
+            "{count}: {}",
+            format_problem(&broken)
+        );
+    }
     let missing = golden::load("no/such/file.json").unwrap_err().to_string();
     assert!(missing.starts_with("cannot read no/such/file.json"), "{missing}");
 }

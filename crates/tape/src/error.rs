@@ -32,8 +32,8 @@ pub enum TapeError {
     },
     /// A reshape to a shape with another number of elements.
     #[error(
-        "reshape: the new shape {to:?} holds {}, expected {} elements (the input's shape {from:?})",
-        count.map_or("more elements than an array can".to_string(), |count| format!("{count} elements")),
+        "reshape: the new shape {to:?} {}, expected {} elements (the input's shape {from:?})",
+        count.map_or("is larger than an array can be".to_string(), |count| format!("holds {count} elements")),
         from.iter().product::<usize>()
     )]
     Reshape {
@@ -44,9 +44,9 @@ pub enum TapeError {
         /// Its number of elements, `None` where that overflows (see [`TapeError::TooLarge`]).
         count: Option<usize>,
     },
-    /// A shape whose array could not exist: its element count overflows `usize`, or its bytes
-    /// `isize::MAX`.
-    #[error("{op}: shape {shape:?} holds more elements than an array can")]
+    /// A shape whose array could not exist: the product of its non-zero sizes, or its bytes,
+    /// exceed `isize::MAX`.
+    #[error("{op}: shape {shape:?} is larger than an array can be")]
     TooLarge {
         /// The operation asked for the shape.
         op: &'static str,

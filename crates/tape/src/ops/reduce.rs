@@ -42,8 +42,9 @@ fn sum_over<T: Element>(x: &ArrayViewD<'_, T>, axes: &[usize], keep_dims: bool) 
     }
 }
 
-/// The output gradient, reshaped to keep-dims form and broadcast back to the input's shape.
-fn spread<T: Element>(g: &ArrayViewD<'_, T>, input_shape: &[usize], axes: &[usize], scale: T) -> ArrayD<T> {
+/// The output gradient, reshaped to keep-dims form, broadcast back to the input's shape and
+/// divided by `count`.
+fn spread<T: Element>(g: &ArrayViewD<'_, T>, input_shape: &[usize], axes: &[usize], count: T) -> ArrayD<T> {
     let kept = kept_shape(input_shape, axes);
     let g = g
         .to_shape(IxDyn(&kept))
@@ -51,7 +52,7 @@ fn spread<T: Element>(g: &ArrayViewD<'_, T>, input_shape: &[usize], axes: &[usiz
     let g = g
         .broadcast(IxDyn(input_shape))
         .unwrap_or_else(|| unreachable!("keep-dims shape broadcasts to the input shape"));
-    g.mapv(|g| g * scale)
+    g.mapv(|g| g / count)
 }
 
 /// Sum over `axes`. Backward: every input element receives the gradient of its sum.
@@ -76,15 +77,17 @@ impl<T: Element> Function<T> for Sum {
     }
 }
 
-/// Mean over `axes`. Backward: every input element receives `1/count` of its mean's gradient.
+/// Mean over `axes`, the sum divided by the count (not multiplied by `1 / count`, which rounds
+/// twice). Backward: every input element receives its mean's gradient divided by the count.
 pub struct Mean {
     axes: Vec<usize>,
     keep_dims: bool,
 }
 
 impl Mean {
-    fn count(&self, shape: &[usize]) -> usize {
-        self.axes.iter().map(|&axis| shape[axis]).product()
+    fn count<T: Element>(&self, shape: &[usize]) -> T {
+        let count: f64 = self.axes.iter().map(|&axis| shape[axis] as f64).product();
+        T::from_f64_lossy(count)
     }
 }
 
@@ -94,14 +97,14 @@ impl<T: Element> Function<T> for Mean {
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
         self.axes = checked_axes("mean", &self.axes, inputs[0].ndim())?;
-        let inv_count = T::from_f64_lossy(1.0 / self.count(inputs[0].shape()) as f64);
-        Ok(sum_over(&inputs[0], &self.axes, self.keep_dims) * inv_count)
+        let count: T = self.count(inputs[0].shape());
+        Ok(sum_over(&inputs[0], &self.axes, self.keep_dims).mapv(|sum| sum / count))
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
         let shape = args.inputs[0].shape();
-        let inv_count = T::from_f64_lossy(1.0 / self.count(shape) as f64);
+        let count: T = self.count(shape);
         Ok(vec![grad_if(args.needs_grad[0], || {
-            spread(&args.grad_output, shape, &self.axes, inv_count)
+            spread(&args.grad_output, shape, &self.axes, count)
         })])
     }
 }

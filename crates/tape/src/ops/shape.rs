@@ -35,11 +35,15 @@ impl<T: Element> Function<T> for Reshape {
 }
 
 /// The number of elements of an array of `shape`, if one can exist: `None` when the product of
-/// the sizes overflows `usize`, or its bytes `isize::MAX` (the most any allocation can hold).
+/// its non-zero sizes exceeds `isize::MAX` (ndarray's limit, for strides), or its bytes do (the
+/// most any allocation can hold).
 pub(crate) fn element_count<T>(shape: &[usize]) -> Option<usize> {
-    let count = shape
+    let nonzero = shape
         .iter()
-        .try_fold(1usize, |count, &size| count.checked_mul(size))?;
+        .filter(|&&size| size != 0)
+        .try_fold(1usize, |count, &size| count.checked_mul(size))
+        .filter(|&count| count <= isize::MAX as usize)?;
+    let count = if shape.contains(&0) { 0 } else { nonzero };
     let bytes = count.checked_mul(std::mem::size_of::<T>())?;
     (bytes <= isize::MAX as usize).then_some(count)
 }
@@ -201,7 +205,7 @@ mod tests {
         assert_eq!(
             x.reshape(&huge).unwrap_err().to_string(),
             format!(
-                "reshape: the new shape {huge:?} holds more elements than an array can, expected 6 \
+                "reshape: the new shape {huge:?} is larger than an array can be, expected 6 \
                  elements (the input's shape [2, 3])"
             )
         );

@@ -1,0 +1,110 @@
+//! The example tools check every flag before any work: a bad one exits with 2 and a message that
+//! names the flag and its value, never a panic (exit 101).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The example binary `name`, built beside this test (`cargo test` builds the examples first).
+fn example(name: &str) -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let profile = deps.parent().and_then(|d| d.parent()).unwrap();
+    let path = profile.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the tests with `cargo test` (which builds the examples), or `cargo \
+         build --examples` first",
+        path.display()
+    );
+    path
+}
+
+fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(example(name)).args(args).output().unwrap()
+}
+
+/// Runs the tool and checks that it exits with 2 and prints `message` on stderr.
+fn assert_usage_error(name: &str, args: &[&str], message: &str) {
+    let output = run(name, args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{name} {args:?}: {stderr}");
+    assert!(stderr.contains(message), "{name} {args:?}: {stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "{name} {args:?} did work before failing"
+    );
+}
+
+#[test]
+fn train_names_the_bad_flag_and_its_value_before_training() {
+    let out = std::env::temp_dir().join(format!("bnorm-train-flags-{}", std::process::id()));
+    let out = out.to_str().unwrap();
+    for (args, message) in [
+        (&["--lr", "NaN"][..], "--lr must be a finite number > 0, got NaN"),
+        (&["--lr", "0"], "--lr must be a finite number > 0, got 0"),
+        (&["--lr", "-1"], "--lr must be a finite number > 0, got -1"),
+        (
+            &["--high-lr", "inf"],
+            "--high-lr must be a finite number > 0, got inf",
+        ),
+        (&["--steps", "0"], "--steps must be at least 1, got 0"),
+        (&["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (&["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
+        (
+            &["--batch-size", "5000"],
+            "--batch-size must be at most the 1438 training images, got 5000",
+        ),
+        (
+            &["--out", "/proc/bnorm/out"],
+            "--out /proc/bnorm/out: cannot create it",
+        ),
+    ] {
+        let with_out: Vec<&str> = args.iter().copied().chain(["--out", out]).collect();
+        let args = if args.contains(&"--out") {
+            args.to_vec()
+        } else {
+            with_out
+        };
+        assert_usage_error("train", &args, message);
+    }
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn golden_rejects_a_bad_tolerance_and_a_crafted_file() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pytorch_batchnorm.json");
+    for (tol, message) in [
+        ("-1", "--tol must be a finite number >= 0, got -1"),
+        ("NaN", "--tol must be a finite number >= 0, got NaN"),
+    ] {
+        assert_usage_error("golden", &[file, "--tol", tol], message);
+    }
+    // A shape whose element count overflows: it panicked (exit 101) instead of exiting with 2.
+    let text = std::fs::read_to_string(file).unwrap();
+    let crafted = text.replacen("\"shape\": [3, 2]", "\"shape\": [9223372036854775811, 2]", 1);
+    let path = std::env::temp_dir().join(format!("bnorm-crafted-{}.json", std::process::id()));
+    std::fs::write(&path, crafted).unwrap();
+    let output = run("golden", &[path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is larger than an array can be"), "{stderr}");
+}
+
+#[test]
+fn bench_rejects_shapes_it_cannot_time() {
+    // They panicked inside the kernel or the tape.
+    for (shape, message) in [
+        (
+            "1x4",
+            "\"1x4\" has 1 value per channel, expected at least 2 (BatchNorm in training)",
+        ),
+        ("0x4", "\"0x4\" has a size of 0; every size must be at least 1"),
+        (
+            "2x3x0",
+            "\"2x3x0\" has a size of 0; every size must be at least 1",
+        ),
+    ] {
+        assert_usage_error("bench", &["--shape", shape], message);
+    }
+}
