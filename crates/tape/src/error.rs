@@ -53,6 +53,16 @@ pub enum TapeError {
         /// The shape.
         shape: Vec<usize>,
     },
+    /// An op was given another number of inputs than it takes.
+    #[error("{op}: takes {expected} input(s), got {got}")]
+    Arity {
+        /// The op.
+        op: &'static str,
+        /// The number it takes.
+        expected: usize,
+        /// The number given.
+        got: usize,
+    },
     /// An axis does not exist in the operand.
     #[error("{op}: axis {axis} is out of range for an array of rank {ndim} (axes 0..{ndim})")]
     Axis {

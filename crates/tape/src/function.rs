@@ -72,8 +72,11 @@ pub trait Function<T: Element>: 'static {
     }
 }
 
-/// What [`Function::backward`] is given.
+/// What [`Function::backward`] is given. Only the tape makes these, from the values of the op's
+/// own call, so an op's backward may rely on what its forward saw: the inputs it was given,
+/// the output it returned, and a gradient of that output's shape.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct BackwardArgs<'a, T: Element> {
     /// The input values, as they were given to `forward`.
     pub inputs: &'a [ArrayViewD<'a, T>],

@@ -4,6 +4,7 @@
 
 use ndarray::{ArrayD, ArrayViewD};
 
+use super::arity;
 use crate::{BackwardArgs, Element, Function, Result, Var, broadcast_shape, sum_to_shape};
 
 /// The gradient `compute()` of a broadcast result summed back to an operand's `shape`, when the
@@ -30,6 +31,7 @@ impl<T: Element> Function<T> for Add {
         "add"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("add", inputs, 2)?;
         let (a, b) = operands(inputs);
         broadcast_shape("add", a.shape(), b.shape())?;
         Ok(a + b)
@@ -52,6 +54,7 @@ impl<T: Element> Function<T> for Sub {
         "sub"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("sub", inputs, 2)?;
         let (a, b) = operands(inputs);
         broadcast_shape("sub", a.shape(), b.shape())?;
         Ok(a - b)
@@ -74,6 +77,7 @@ impl<T: Element> Function<T> for Mul {
         "mul"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("mul", inputs, 2)?;
         let (a, b) = operands(inputs);
         broadcast_shape("mul", a.shape(), b.shape())?;
         Ok(a * b)
@@ -96,6 +100,7 @@ impl<T: Element> Function<T> for Div {
         "div"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("div", inputs, 2)?;
         let (a, b) = operands(inputs);
         broadcast_shape("div", a.shape(), b.shape())?;
         Ok(a / b)
@@ -249,6 +254,22 @@ mod tests {
         panic::set_hook(previous);
         assert!(result.is_err());
         assert_eq!(*seen.lock().unwrap(), Some((file!().to_string(), line)));
+    }
+
+    #[test]
+    fn a_primitive_given_the_wrong_number_of_inputs_is_an_error() {
+        // The primitives are public types: `tape.apply(Add, &[x])` indexed past its inputs.
+        let tape = Tape::<f64>::new();
+        let x = tape.var(uniform(&[2], 0));
+        let error = tape.apply(super::Add, &[x]).unwrap_err();
+        assert_eq!(error.to_string(), "add: takes 2 input(s), got 1");
+        assert!(matches!(
+            tape.apply(crate::ops::unary::Exp, &[]),
+            Err(TapeError::Arity { op: "exp", .. })
+        ));
+        assert!(tape.apply(crate::ops::matmul::MatMul, &[x, x, x]).is_err());
+        assert!(tape.apply(crate::ops::shape::Transpose, &[]).is_err());
+        assert!(tape.apply(crate::ops::unary::PowF(2.0), &[x, x]).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use ndarray::{ArrayD, ArrayView2, ArrayViewD, Ix2};
 
-use super::grad_if;
+use super::{arity, grad_if};
 use crate::{BackwardArgs, Element, Function, Result, TapeError, Var};
 
 fn as_matrix<'a, T: Element>(x: &ArrayViewD<'a, T>, what: &'static str) -> Result<ArrayView2<'a, T>> {
@@ -25,6 +25,7 @@ impl<T: Element> Function<T> for MatMul {
         "matmul"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("matmul", inputs, 2)?;
         let a = as_matrix(&inputs[0], "the left operand")?;
         let b = as_matrix(&inputs[1], "the right operand")?;
         if a.ncols() != b.nrows() {

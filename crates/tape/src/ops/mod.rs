@@ -18,9 +18,23 @@ pub mod reduce;
 pub mod shape;
 pub mod unary;
 
-use ndarray::ArrayD;
+use ndarray::{ArrayD, ArrayViewD};
 
-use crate::Result;
+use crate::{Result, TapeError};
+
+/// Checks that an op was given `count` inputs: the primitives are public types, so
+/// `tape.apply(Add, &[x])` can reach them with any number.
+pub(crate) fn arity<T>(op: &'static str, inputs: &[ArrayViewD<'_, T>], count: usize) -> Result<()> {
+    if inputs.len() == count {
+        Ok(())
+    } else {
+        Err(TapeError::Arity {
+            op,
+            expected: count,
+            got: inputs.len(),
+        })
+    }
+}
 
 /// `Some(compute())` when the gradient is needed, `None` otherwise (the work is skipped).
 pub(crate) fn grad_if<T>(needed: bool, compute: impl FnOnce() -> ArrayD<T>) -> Option<ArrayD<T>> {

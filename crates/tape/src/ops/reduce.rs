@@ -4,7 +4,7 @@
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
 
-use super::{grad_if, infallible};
+use super::{arity, grad_if, infallible};
 use crate::{BackwardArgs, Element, Function, Result, TapeError, Var};
 
 /// Sorted, de-duplicated axes, each checked against the rank.
@@ -66,6 +66,7 @@ impl<T: Element> Function<T> for Sum {
         "sum"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("sum", inputs, 1)?;
         self.axes = checked_axes("sum", &self.axes, inputs[0].ndim())?;
         Ok(sum_over(&inputs[0], &self.axes, self.keep_dims))
     }
@@ -96,6 +97,7 @@ impl<T: Element> Function<T> for Mean {
         "mean"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("mean", inputs, 1)?;
         self.axes = checked_axes("mean", &self.axes, inputs[0].ndim())?;
         let count: T = self.count(inputs[0].shape());
         Ok(sum_over(&inputs[0], &self.axes, self.keep_dims).mapv(|sum| sum / count))
@@ -123,6 +125,7 @@ impl<T: Element> Function<T> for Max {
         "max"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("max", inputs, 1)?;
         let x = &inputs[0];
         if self.axis >= x.ndim() {
             return Err(TapeError::Axis {

@@ -3,7 +3,7 @@
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
-use super::grad_if;
+use super::{arity, grad_if};
 use crate::{BackwardArgs, Element, Function, Result, TapeError, Var, sum_to_shape};
 
 /// Row-major reshape to `shape`. Backward: reshape the gradient to the input's shape.
@@ -16,6 +16,7 @@ impl<T: Element> Function<T> for Reshape {
         "reshape"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("reshape", inputs, 1)?;
         let x = &inputs[0];
         let count = element_count::<T>(&self.shape);
         if count != Some(x.len()) {
@@ -64,6 +65,7 @@ impl<T: Element> Function<T> for BroadcastTo {
         "broadcast_to"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("broadcast_to", inputs, 1)?;
         let x = &inputs[0];
         if element_count::<T>(&self.shape).is_none() {
             return Err(TapeError::TooLarge {
@@ -99,6 +101,7 @@ impl<T: Element> Function<T> for Transpose {
         "transpose"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("transpose", inputs, 1)?;
         let x = &inputs[0];
         if x.ndim() != 2 {
             return Err(TapeError::Shape {

@@ -3,7 +3,7 @@
 
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
-use super::{grad_if, infallible};
+use super::{arity, grad_if, infallible};
 use crate::{BackwardArgs, Element, Function, Result, Var};
 
 /// `g · f'(x, y)` elementwise, where `x` is the input and `y` the output.
@@ -26,6 +26,7 @@ macro_rules! unary_op {
                 $label
             }
             fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+                arity($label, inputs, 1)?;
                 Ok(inputs[0].mapv(|$x: T| $forward))
             }
             fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
@@ -89,6 +90,7 @@ impl<T: Element> Function<T> for PowF<T> {
         "powf"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("powf", inputs, 1)?;
         let p = self.0;
         Ok(inputs[0].mapv(|x| x.powf(p)))
     }
@@ -112,6 +114,7 @@ impl<T: Element> Function<T> for PowI {
         "powi"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("powi", inputs, 1)?;
         let n = self.0;
         Ok(inputs[0].mapv(|x| x.powi(n)))
     }
@@ -132,6 +135,7 @@ impl<T: Element> Function<T> for AddScalar<T> {
         "add_scalar"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("add_scalar", inputs, 1)?;
         let c = self.0;
         Ok(inputs[0].mapv(|x| x + c))
     }
@@ -149,6 +153,7 @@ impl<T: Element> Function<T> for DivScalar<T> {
         "div_scalar"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("div_scalar", inputs, 1)?;
         let c = self.0;
         Ok(inputs[0].mapv(|x| x / c))
     }
@@ -169,6 +174,7 @@ impl<T: Element> Function<T> for ScalarDiv<T> {
         "scalar_div"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("scalar_div", inputs, 1)?;
         let c = self.0;
         Ok(inputs[0].mapv(|x| c / x))
     }
@@ -185,6 +191,7 @@ impl<T: Element> Function<T> for MulScalar<T> {
         "mul_scalar"
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("mul_scalar", inputs, 1)?;
         let c = self.0;
         Ok(inputs[0].mapv(|x| c * x))
     }
