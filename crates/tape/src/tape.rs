@@ -232,28 +232,33 @@ impl<T: Element> Tape<T> {
         if output_requires_grad {
             grads[output.index] = Some(grad_output);
         }
+        // Per op, its inputs, which of them need a gradient and their values: lists refilled at
+        // each op.
+        let (mut inputs, mut needs_grad, mut values) = (Vec::new(), Vec::new(), Vec::new());
         for index in (0..=output.index).rev() {
             let Some(grad) = grads[index].take() else {
                 continue;
             };
             // Shared handles to the op and its values, and no borrow of the node list while its
             // backward runs: a backward may record on this tape.
-            let (op, inputs, needs_grad, values, output_value) = {
+            let (op, output_value) = {
                 let nodes = self.nodes.borrow();
                 let node = &nodes[index];
-                let NodeKind::Op { op, inputs } = &node.kind else {
+                let NodeKind::Op {
+                    op,
+                    inputs: node_inputs,
+                } = &node.kind
+                else {
                     grads[index] = Some(grad);
                     continue;
                 };
-                let needs_grad: Vec<bool> = inputs.iter().map(|&i| nodes[i].requires_grad).collect();
-                let values: Vec<Rc<ArrayD<T>>> = inputs.iter().map(|&i| Rc::clone(&nodes[i].value)).collect();
-                (
-                    Rc::clone(op),
-                    inputs.clone(),
-                    needs_grad,
-                    values,
-                    Rc::clone(&node.value),
-                )
+                inputs.clear();
+                inputs.extend_from_slice(node_inputs);
+                needs_grad.clear();
+                needs_grad.extend(node_inputs.iter().map(|&i| nodes[i].requires_grad));
+                values.clear();
+                values.extend(node_inputs.iter().map(|&i| Rc::clone(&nodes[i].value)));
+                (Rc::clone(op), Rc::clone(&node.value))
             };
             let input_values: Vec<ArrayViewD<'_, T>> = values.iter().map(|value| value.view()).collect();
             let input_grads = op.backward(&BackwardArgs {

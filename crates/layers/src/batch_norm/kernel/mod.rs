@@ -312,8 +312,7 @@ mod imp {
                     let (dx, sums) = collect_by_group(dims.rows(), dims.c, |channel, out| {
                         let (dbeta, dgamma) = sums(channel);
                         let k = coefficients(channel, dbeta, dgamma);
-                        let stats = (mean[channel], inv_std[channel]);
-                        channel_input_grad((dout, x), dims, channel, out, stats, k);
+                        channel_input_grad((dout, x), dims, channel, out, mean[channel], k);
                         (dbeta, dgamma)
                     });
                     (Some(dx), sums)
@@ -380,22 +379,6 @@ fn lane_sum<T: Copy>(values: &[T], term: impl Fn(T) -> f64) -> f64 {
     }
     for (a, &v) in acc.iter_mut().zip(blocks.remainder()) {
         *a += term(v);
-    }
-    acc.iter().sum()
-}
-
-/// Sum of `term(a, b)` over the pairs of `a` and `b`, in [`LANES`] interleaved partial sums.
-#[inline(always)]
-fn lane_sum_of_pairs<T: Copy>(a: &[T], b: &[T], term: impl Fn(T, T) -> f64) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let (mut blocks_a, mut blocks_b) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    for (block_a, block_b) in (&mut blocks_a).zip(&mut blocks_b) {
-        for ((acc, &a), &b) in acc.iter_mut().zip(block_a).zip(block_b) {
-            *acc += term(a, b);
-        }
-    }
-    for ((acc, &a), &b) in acc.iter_mut().zip(blocks_a.remainder()).zip(blocks_b.remainder()) {
-        *acc += term(a, b);
     }
     acc.iter().sum()
 }
