@@ -52,6 +52,16 @@ pub enum Error {
         /// The value given.
         got: f64,
     },
+    /// `groups` does not divide a channel count.
+    #[error("groups = {groups} does not divide the {channels} {of}")]
+    Groups {
+        /// The number of groups.
+        groups: usize,
+        /// The channel count.
+        channels: usize,
+        /// Whose channels: "input channels of x", ...
+        of: &'static str,
+    },
     /// A class label is not below the number of classes.
     #[error("label {label} at row {row} is out of range for {classes} classes")]
     Label {

@@ -45,6 +45,7 @@
 
 mod activation;
 pub mod batch_norm;
+pub mod conv;
 mod error;
 mod linear;
 mod loss;
@@ -54,6 +55,7 @@ mod param;
 mod schedule;
 
 pub use activation::Activation;
+pub use conv::{Conv2d, Conv2dOptions, conv2d, conv2d_composed};
 pub use linear::Linear;
 pub use loss::{accuracy, softmax_cross_entropy, softmax_cross_entropy_composed};
 pub use module::{Mode, Module, Sequential};

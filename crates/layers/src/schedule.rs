@@ -9,24 +9,26 @@
 //!   that read a group's values twice in a row and want the second read from cache.
 //!
 //! Small inputs run on the calling thread: handing work to other threads costs more than it
-//! saves below [`PARALLEL_MIN_ELEMENTS`].
+//! saves below [`PARALLEL_MIN_WORK`]. Work is counted in passes over an element: a row of
+//! `width` elements costs `width · work` ([`Rows::work`] is 1 for a memory-bound pass, and the
+//! multiply-adds per output value for a convolution).
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-/// Below this many elements everything runs on the calling thread.
-pub(crate) const PARALLEL_MIN_ELEMENTS: usize = 1 << 17;
+/// Below this much work (elements times [`Rows::work`]) everything runs on the calling thread.
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 17;
 
 /// The most blocks the rows are split into: enough to share among threads, few enough that the
 /// per-block partial results (one value per column each, merged one after the other) stay
 /// small beside the data even for wide rows.
 const MAX_BLOCKS: usize = 16;
 
-/// The fewest elements in a block (unless the whole input is smaller): smaller blocks cost more
-/// in per-block partials than they share.
-const MIN_BLOCK_ELEMENTS: usize = 1 << 15;
+/// The least work in a block (unless the whole input is smaller): smaller blocks cost more in
+/// per-block partials than they share.
+const MIN_BLOCK_WORK: usize = 1 << 15;
 
 /// `count` rows of `width` elements each, row-major: the unit of work of [`fold_blocks`] and
 /// [`collect_blocks`].
@@ -36,9 +38,20 @@ pub(crate) struct Rows {
     pub count: usize,
     /// Elements per row.
     pub width: usize,
+    /// The work of one element, in passes over an element: 1 for a memory-bound pass.
+    pub work: usize,
 }
 
 impl Rows {
+    /// `count` rows of `width` elements, each element one memory-bound pass of work.
+    pub fn new(count: usize, width: usize) -> Self {
+        Rows {
+            count,
+            width,
+            work: 1,
+        }
+    }
+
     /// Elements in all.
     pub fn len(&self) -> usize {
         self.count * self.width
@@ -46,14 +59,14 @@ impl Rows {
 
     /// Whether the work is large enough for several threads.
     pub fn parallel(&self) -> bool {
-        self.len() >= PARALLEL_MIN_ELEMENTS
+        self.len().saturating_mul(self.work) >= PARALLEL_MIN_WORK
     }
 
     /// Rows per block: a function of the shape only. At most [`MAX_BLOCKS`] blocks, each of at
-    /// least [`MIN_BLOCK_ELEMENTS`] elements (in whole rows).
+    /// least [`MIN_BLOCK_WORK`] (in whole rows).
     pub fn block_rows(&self) -> usize {
         let by_count = self.count.div_ceil(MAX_BLOCKS);
-        let by_size = MIN_BLOCK_ELEMENTS.div_ceil(self.width.max(1));
+        let by_size = MIN_BLOCK_WORK.div_ceil(self.width.saturating_mul(self.work).max(1));
         by_count.max(by_size).max(1)
     }
 
@@ -105,19 +118,28 @@ pub(crate) fn collect_blocks<T: Send>(
     rows: Rows,
     fill: impl Fn(Range<usize>, &mut [MaybeUninit<T>]) + Sync + Send,
 ) -> Vec<T> {
+    collect_blocks_with(rows, fill).0
+}
+
+/// As [`collect_blocks`], where `fill` also returns a result for its block (a partial sum, say):
+/// the results come back in block order.
+#[inline(always)]
+pub(crate) fn collect_blocks_with<T: Send, R: Send>(
+    rows: Rows,
+    fill: impl Fn(Range<usize>, &mut [MaybeUninit<T>]) -> R + Sync + Send,
+) -> (Vec<T>, Vec<R>) {
     let block = rows.block_rows() * rows.width;
     written(rows.len(), |spare| {
         if block == 0 {
-            return;
+            return Vec::new();
         }
         let work = |(i, part): (usize, &mut [MaybeUninit<T>])| fill(i * block..i * block + part.len(), part);
         if rows.parallel() {
-            spare.par_chunks_mut(block).enumerate().for_each(work);
+            spare.par_chunks_mut(block).enumerate().map(work).collect()
         } else {
-            spare.chunks_mut(block).enumerate().for_each(work);
+            spare.chunks_mut(block).enumerate().map(work).collect()
         }
     })
-    .0
 }
 
 /// A new array of `rows.len()` elements whose rows are made of `groups` lanes each (`rows.width
@@ -210,17 +232,11 @@ mod tests {
     #[test]
     fn blocks_cover_the_rows_in_order_and_depend_only_on_the_shape() {
         for rows in [
-            Rows {
-                count: 3001,
-                width: 49,
-            },
-            Rows { count: 1, width: 5 },
-            Rows {
-                count: 65536,
-                width: 40,
-            },
-            Rows { count: 7, width: 0 },
-            Rows { count: 0, width: 3 },
+            Rows::new(3001, 49),
+            Rows::new(1, 5),
+            Rows::new(65536, 40),
+            Rows::new(7, 0),
+            Rows::new(0, 3),
         ] {
             let blocks: Vec<Range<usize>> = rows.blocks().collect();
             assert!(blocks.len() <= MAX_BLOCKS, "{rows:?}");
@@ -236,10 +252,7 @@ mod tests {
 
     #[test]
     fn folds_merge_in_block_order_on_any_pool() {
-        let rows = Rows {
-            count: 5000,
-            width: 31,
-        };
+        let rows = Rows::new(5000, 31);
         assert!(rows.parallel());
         let run = || fold_blocks(rows, |range| vec![range.start], |total, next| total.extend(next));
         let expected: Vec<usize> = rows.blocks().map(|block| block.start).collect();
@@ -250,22 +263,13 @@ mod tests {
                 .unwrap();
             assert_eq!(pool.install(run), Some(expected.clone()), "{threads} threads");
         }
-        assert_eq!(fold_blocks(Rows { count: 4, width: 0 }, |_| 1, |_, _| ()), None);
+        assert_eq!(fold_blocks(Rows::new(4, 0), |_| 1, |_, _| ()), None);
     }
 
     #[test]
     fn collected_arrays_have_every_element_written_once() {
         // Ragged last blocks, on one thread and on several.
-        for rows in [
-            Rows {
-                count: 3001,
-                width: 49,
-            },
-            Rows {
-                count: 1001,
-                width: 3,
-            },
-        ] {
+        for rows in [Rows::new(3001, 49), Rows::new(1001, 3)] {
             let out = collect_blocks(rows, |range, out: &mut [MaybeUninit<usize>]| {
                 for (o, i) in out.iter_mut().zip(range) {
                     *o = MaybeUninit::new(i);
@@ -277,7 +281,7 @@ mod tests {
 
     #[test]
     fn each_element_belongs_to_one_lane_of_its_own_group() {
-        let rows = Rows { count: 3, width: 20 };
+        let rows = Rows::new(3, 20);
         let (buffer, results) = collect_by_group(rows, 4, |group, lanes: Vec<&mut [MaybeUninit<usize>]>| {
             assert_eq!(lanes.len(), 3);
             for lane in lanes {

@@ -53,6 +53,18 @@ pub enum TapeError {
         /// The shape.
         shape: Vec<usize>,
     },
+    /// A setting of an op (a stride, a kernel size, ...) is out of its range.
+    #[error("{op}: {name} must be {expected}, got {got}")]
+    InvalidSetting {
+        /// The op.
+        op: &'static str,
+        /// The setting.
+        name: &'static str,
+        /// Its valid range, in words.
+        expected: &'static str,
+        /// The value given.
+        got: String,
+    },
     /// An op was given another number of inputs than it takes.
     #[error("{op}: takes {expected} input(s), got {got}")]
     Arity {

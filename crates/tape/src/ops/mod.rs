@@ -7,8 +7,9 @@
 //! | [`binary`] | `add`, `sub`, `mul`, `div` with NumPy broadcasting |
 //! | [`unary`] | `neg`, `exp`, `ln`, `sqrt`, `powf`, `powi`, `abs`, `relu`, `sigmoid`, `tanh`, scalar `+`, `*` and `/` |
 //! | [`reduce`] | `sum`, `mean` over chosen axes or everything, `max` over an axis |
-//! | [`shape`] | `reshape`, `broadcast_to`, `transpose` |
-//! | [`matmul`] | 2-D matrix product |
+//! | [`shape`] | `reshape`, `flatten`, `broadcast_to`, `transpose` |
+//! | [`unfold`] | `unfold` (im2col) with `fold` as its backward, for convolution and pooling |
+//! | [`matmul`] | matrix product, batched over leading axes |
 //! | [`operators`] | `+ - * /` and unary `-` on `Var`s and scalars |
 
 pub mod binary;
@@ -17,6 +18,7 @@ pub mod operators;
 pub mod reduce;
 pub mod shape;
 pub mod unary;
+pub mod unfold;
 
 use ndarray::{ArrayD, ArrayViewD};
 

@@ -1,4 +1,5 @@
-//! Ops that move values without changing them: `reshape`, `broadcast_to`, `transpose`.
+//! Ops that move values without changing them: `reshape` (and `flatten`), `broadcast_to`,
+//! `transpose`.
 //! Their backward moves the gradient back: reshape it back, sum it back, transpose it back.
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -134,6 +135,34 @@ impl<'t, T: Element> Var<'t, T> {
         )
     }
 
+    /// Every axis after the first flattened into one: `(N, ...)` to `(N, product of the rest)`,
+    /// as PyTorch's `nn.Flatten()` (a reshape, so the gradient is reshaped back).
+    ///
+    /// # Errors
+    /// [`TapeError::Shape`] if the value has rank below 2.
+    ///
+    /// # Example
+    /// ```
+    /// let tape = tape::Tape::<f32>::new();
+    /// let x = tape.var(ndarray::Array4::<f32>::zeros((60, 32, 4, 4)));
+    /// assert_eq!(x.flatten()?.shape(), vec![60, 512]);
+    /// # Ok::<(), tape::TapeError>(())
+    /// ```
+    pub fn flatten(self) -> Result<Var<'t, T>> {
+        match self.shape().as_slice() {
+            [n, rest @ ..] if !rest.is_empty() => {
+                let shape = [*n, rest.iter().product()];
+                self.reshape(&shape)
+            }
+            shape => Err(TapeError::Shape {
+                op: "flatten",
+                what: "the input",
+                expected: "rank 2 or more, (N, ...)".into(),
+                got: shape.to_vec(),
+            }),
+        }
+    }
+
     /// Broadcast to `shape` (NumPy rules), copying.
     ///
     /// # Errors
@@ -168,6 +197,7 @@ mod tests {
     fn shape_ops_pass_the_gradient_checker() {
         let x = uniform(&[2, 6], 1);
         check_gradients(|_, v| v[0].reshape(&[3, 2, 2]), std::slice::from_ref(&x)).unwrap();
+        check_gradients(|_, v| v[0].flatten(), &[uniform(&[2, 3, 2, 2], 4)]).unwrap();
         check_gradients(|_, v| v[0].transpose(), std::slice::from_ref(&x)).unwrap();
         check_gradients(|_, v| v[0].broadcast_to(&[4, 2, 6]), &[x]).unwrap();
         check_gradients(|_, v| v[0].broadcast_to(&[3, 5]), &[uniform(&[3, 1], 2)]).unwrap();
@@ -222,6 +252,10 @@ mod tests {
         assert_eq!(
             x.broadcast_to(&[3, 3]).unwrap_err().to_string(),
             "broadcast_to: the input has shape [2, 3], expected a shape that broadcasts to [3, 3]"
+        );
+        assert_eq!(
+            tape.var(uniform(&[3], 0)).flatten().unwrap_err().to_string(),
+            "flatten: the input has shape [3], expected rank 2 or more, (N, ...)"
         );
         let cube = tape.var(uniform(&[2, 2, 2], 0));
         assert!(matches!(

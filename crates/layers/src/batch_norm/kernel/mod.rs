@@ -72,10 +72,7 @@ impl Dims {
 
     /// The data as rows for the scheduler.
     fn rows(&self) -> Rows {
-        Rows {
-            count: self.n,
-            width: self.row(),
-        }
+        Rows::new(self.n, self.row())
     }
 }
 

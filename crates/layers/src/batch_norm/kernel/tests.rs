@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::batch_norm::testing::normal;
-use crate::schedule::PARALLEL_MIN_ELEMENTS;
+use crate::schedule::PARALLEL_MIN_WORK;
 
 fn raw<T>(array: ndarray::ArrayD<T>) -> Vec<T> {
     array.into_raw_vec_and_offset().0
@@ -155,7 +155,7 @@ fn results_are_bit_identical_on_any_number_of_threads() {
     for shape in shapes {
         let dims = Dims::of(shape);
         assert!(
-            dims.rows().len() >= PARALLEL_MIN_ELEMENTS,
+            dims.rows().len() >= PARALLEL_MIN_WORK,
             "{shape:?} must be big enough to run in parallel"
         );
         let (x, dout) = (values(dims.rows().len(), 1), values(dims.rows().len(), 2));
