@@ -1,7 +1,9 @@
-//! Checks this project's BatchNorm against a golden file of PyTorch results.
+//! Checks this project's BatchNorm, convolution and pooling against a golden file of PyTorch
+//! results.
 //!
 //! ```sh
 //! cargo run --release --example golden -- tests/data/pytorch_batchnorm.json --dtype f32
+//! cargo run --release --example golden -- tests/data/pytorch_conv_pool.json
 //! ```
 //!
 //! Prints one line per case with the relative error (max abs error / max abs reference) of each
@@ -18,7 +20,8 @@ enum Dtype {
     F64,
 }
 
-/// Check BatchNorm against golden results (PyTorch's format: see tests/data/README.md).
+/// Check BatchNorm, conv2d and pooling against golden results (PyTorch's format: see
+/// tests/data/README.md).
 #[derive(Parser, Debug)]
 #[command(allow_negative_numbers = true)]
 struct Args {

@@ -1,13 +1,24 @@
-//! PyTorch as the oracle: every case of `tests/data/pytorch_batchnorm.json` (see its README)
-//! recomputed through the functional API and through the layer on a tape.
+//! PyTorch as the oracle: every case of `tests/data/pytorch_batchnorm.json` and
+//! `tests/data/pytorch_conv_pool.json` (see their README) recomputed here: BatchNorm through the
+//! functional API and through the layer on a tape, conv and pooling through the fused nodes and
+//! their compositions.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use bnorm::golden::{self, CaseKind, GoldenError, check_case};
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pytorch_batchnorm.json");
+const CONV_POOL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pytorch_conv_pool.json");
 
 fn cases() -> Vec<golden::Case> {
     golden::load(GOLDEN).expect("the vendored golden file parses")
+}
+
+fn conv_pool_cases() -> Vec<golden::Case> {
+    golden::load(CONV_POOL).expect("the vendored golden file parses")
+}
+
+fn all_cases() -> Vec<golden::Case> {
+    cases().into_iter().chain(conv_pool_cases()).collect()
 }
 
 #[test]
@@ -18,7 +29,7 @@ fn the_file_covers_training_sequences_and_every_layout() {
         .iter()
         .filter_map(|case| match &case.kind {
             CaseKind::Train(train) => Some(train.x.shape.len()),
-            CaseKind::Sequence(_) => None,
+            _ => None,
         })
         .collect();
     assert!(ranks.contains(&2) && ranks.contains(&3) && ranks.contains(&4));
@@ -30,8 +41,29 @@ fn the_file_covers_training_sequences_and_every_layout() {
 }
 
 #[test]
+fn the_conv_file_covers_every_setting_and_both_pools() {
+    let cases = conv_pool_cases();
+    assert_eq!(cases.len(), 11);
+    let kinds: Vec<&str> = cases.iter().map(|case| case.kind.name()).collect();
+    for kind in ["conv2d", "max_pool2d", "avg_pool2d"] {
+        assert!(kinds.contains(&kind), "{kind}");
+    }
+    let convs: Vec<_> = cases
+        .iter()
+        .filter_map(|case| match &case.kind {
+            CaseKind::Conv2d(conv) => Some(conv),
+            _ => None,
+        })
+        .collect();
+    assert!(convs.iter().any(|c| c.options.groups > 1));
+    assert!(convs.iter().any(|c| c.options.dilation != [1, 1]));
+    assert!(convs.iter().any(|c| c.options.stride[0] != c.options.stride[1]));
+    assert!(convs.iter().any(|c| c.bias.is_none()));
+}
+
+#[test]
 fn every_case_matches_pytorch_to_1e_minus_10_in_f64() {
-    for case in cases() {
+    for case in all_cases() {
         let report = check_case::<f64>(&case).unwrap();
         assert!(report.errors.len() >= 4, "{report}");
         assert!(report.max_error() <= 1e-10, "{report}");
@@ -39,8 +71,47 @@ fn every_case_matches_pytorch_to_1e_minus_10_in_f64() {
 }
 
 #[test]
+fn conv_and_pool_cases_check_the_fused_and_the_composed_forms() {
+    for case in conv_pool_cases() {
+        let report = check_case::<f64>(&case).unwrap();
+        let names: Vec<&str> = report.errors.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            names.contains(&"dx") && names.contains(&"composed.dx"),
+            "{report}"
+        );
+        if let CaseKind::Conv2d(conv) = &case.kind {
+            assert!(names.contains(&"composed.dweight"), "{report}");
+            assert_eq!(names.contains(&"dbias"), conv.bias.is_some(), "{report}");
+        }
+    }
+}
+
+#[test]
+fn a_wrong_conv_reference_is_reported_not_hidden() {
+    let mut case = conv_pool_cases().remove(0);
+    let CaseKind::Conv2d(conv) = &mut case.kind else {
+        panic!("the first case is a convolution")
+    };
+    let (name, dweight) = &mut conv.expected[2];
+    assert_eq!(*name, "dweight");
+    dweight.data[5] *= 1.0 + 1e-6;
+    let report = check_case::<f64>(&case).unwrap();
+    assert!(
+        report.errors.iter().any(|(n, e)| n == "dweight" && *e > 1e-8),
+        "{report}"
+    );
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|(n, e)| n == "composed.dweight" && *e > 1e-8)
+    );
+    assert!(report.errors.iter().any(|(n, e)| n == "out" && *e <= 1e-12));
+}
+
+#[test]
 fn every_case_matches_pytorch_to_1e_minus_5_in_f32() {
-    for case in cases() {
+    for case in all_cases() {
         let report = check_case::<f32>(&case).unwrap();
         assert!(report.max_error() <= 1e-5, "{report}");
     }
@@ -80,12 +151,14 @@ fn malformed_files_get_clear_errors() {
     );
     assert_eq!(
         format_problem(r#"{"cases": [{"name": "b", "kind": "test", "eps": 1e-5}]}"#),
-        "cases[0] (\"b\").kind: expected \"train\" or \"sequence\", got \"test\""
+        "cases[0] (\"b\").kind: expected \"train\", \"sequence\", \"conv2d\", \"max_pool2d\" or \
+         \"avg_pool2d\", got \"test\""
     );
     // A kind that is not a string said "got None".
     assert_eq!(
         format_problem(r#"{"cases": [{"name": "c", "kind": 7, "eps": 1e-5}]}"#),
-        "cases[0] (\"c\").kind: expected \"train\" or \"sequence\", got 7"
+        "cases[0] (\"c\").kind: expected \"train\", \"sequence\", \"conv2d\", \"max_pool2d\" or \
+         \"avg_pool2d\", got 7"
     );
     // Take a real case and break one array.
     let text = std::fs::read_to_string(GOLDEN).unwrap();
@@ -127,6 +200,15 @@ fn malformed_files_get_clear_errors() {
             format_problem(&broken)
         );
     }
+    // The conv kinds' settings.
+    let conv = std::fs::read_to_string(CONV_POOL).unwrap();
+    let broken = conv.replacen("\"stride\": [1, 1]", "\"stride\": [1]", 1);
+    assert_eq!(
+        format_problem(&broken),
+        "cases[0] (\"conv_basic\").stride: expected [h, w], two whole numbers >= 0, got [1]"
+    );
+    let broken = conv.replacen("\"groups\": 1", "\"groups\": -1", 1);
+    assert!(format_problem(&broken).ends_with("groups: expected a whole number >= 0"));
     let missing = golden::load("no/such/file.json").unwrap_err().to_string();
     assert!(missing.starts_with("cannot read no/such/file.json"), "{missing}");
 }
@@ -146,4 +228,26 @@ fn inputs_the_layer_rejects_are_reported_with_the_case() {
         error,
         "case \"seed_example_1\": gamma has 3 elements, expected 2 (channels of x)"
     );
+}
+
+#[test]
+fn conv_inputs_the_layer_rejects_are_reported_with_the_case() {
+    let conv = std::fs::read_to_string(CONV_POOL).unwrap();
+    for (from, to, message) in [
+        (
+            "\"groups\": 1",
+            "\"groups\": 2",
+            "groups = 2 does not divide the 3 input channels of x",
+        ),
+        (
+            "\"stride\": [1, 1]",
+            "\"stride\": [0, 1]",
+            "the stride must be at least 1",
+        ),
+    ] {
+        let case = golden::parse(&conv.replacen(from, to, 1)).unwrap().remove(0);
+        let error = check_case::<f64>(&case).unwrap_err().to_string();
+        assert!(error.starts_with("case \"conv_basic\": "), "{error}");
+        assert!(error.contains(message), "{error}");
+    }
 }

@@ -6,10 +6,15 @@
 //! - [`batch_norm()`]: one fused node on a [`Tape`](tape::Tape), with a hand-written backward;
 //!   [`batch_norm_composed`]: the same from tape primitives, to check it against.
 //! - [`BatchNorm`]: the layer, with running statistics and PyTorch's semantics.
+//! - For conv nets, each op one fused node with a hand-written backward beside its composition
+//!   from primitives: [`conv2d()`] and the [`Conv2d`] layer, [`max_pool2d`] / [`avg_pool2d`] and
+//!   the [`MaxPool2d`] / [`AvgPool2d`] layers, [`dropout()`] and the [`Dropout`] layer, and
+//!   [`Flatten`].
 //! - For small nets: [`Linear`], [`Activation`], [`Sequential`] (all [`Module`]s), the fused
 //!   [`softmax_cross_entropy`] loss, and the [`Sgd`] and [`Adam`] optimizers.
 //!
-//! See the [`batch_norm`](mod@batch_norm) module for the derivation and the conventions.
+//! See the [`batch_norm`](mod@batch_norm), [`conv`], [`pool`] and [`dropout`](mod@dropout)
+//! modules for the derivations and the conventions.
 //!
 //! # Using it from your crate
 //! `use layers::prelude::*` brings the types of a training loop into scope. This crate
@@ -46,16 +51,21 @@
 mod activation;
 pub mod batch_norm;
 pub mod conv;
+pub mod dropout;
 mod error;
+mod flatten;
 mod linear;
 mod loss;
 mod module;
 mod optim;
 mod param;
+pub mod pool;
 mod schedule;
 
 pub use activation::Activation;
 pub use conv::{Conv2d, Conv2dOptions, conv2d, conv2d_composed};
+pub use dropout::{Dropout, dropout, dropout_composed};
+pub use flatten::Flatten;
 pub use linear::Linear;
 pub use loss::{accuracy, softmax_cross_entropy, softmax_cross_entropy_composed};
 pub use module::{Mode, Module, Sequential};
@@ -67,6 +77,9 @@ pub use batch_norm::{
 };
 pub use error::{Error, Result};
 pub use param::Parameter;
+pub use pool::{
+    AvgPool2d, MaxPool2d, Window2d, avg_pool2d, avg_pool2d_composed, max_pool2d, max_pool2d_composed,
+};
 pub use {ndarray, rand, tape};
 
 /// What a training loop needs, in one `use layers::prelude::*`: the tape, the layers, the loss,
@@ -79,7 +92,7 @@ pub mod prelude {
     pub use tape::{GradCheck, Gradients, Tape, Var, check_gradients};
 
     pub use crate::{
-        Activation, Adam, BatchNorm, Linear, Mode, Module, Optimizer, Sequential, Sgd, accuracy, batch_norm,
-        softmax_cross_entropy,
+        Activation, Adam, AvgPool2d, BatchNorm, Conv2d, Conv2dOptions, Dropout, Flatten, Linear, MaxPool2d,
+        Mode, Module, Optimizer, Sequential, Sgd, Window2d, accuracy, batch_norm, softmax_cross_entropy,
     };
 }
