@@ -1,14 +1,15 @@
-//! The main job: train the same multilayer perceptron on real handwritten digits with and
-//! without BatchNorm, at a normal and at a high learning rate, and show what BatchNorm changes.
+//! The main job: train an MLP and a CNN on real handwritten digits, each with and without
+//! BatchNorm, at a normal and at a high learning rate, and show what BatchNorm changes.
 //!
 //! ```sh
-//! cargo run --release --example train                 # defaults finish in well under a minute
+//! cargo run --release --example train                 # defaults finish in under a minute
+//! cargo run --release --example train -- --model cnn  # only the CNN's runs
 //! cargo run --release --example train -- --help       # steps, learning rates, batch size, seed, output folder
 //! ```
 //!
 //! Prints a progress bar per run, then a table (test accuracy, steps to 90%, wall time), and
-//! writes to the output folder: `accuracy.png` and `accuracy.svg` (test accuracy against steps)
-//! and `summary.json`.
+//! writes to the output folder: `accuracy.png` and `accuracy.svg` (test accuracy against steps,
+//! a panel per model) and `summary.json`.
 
 // Each step allocates and frees arrays; mimalloc reuses them (see examples/bench.rs).
 #[cfg(not(feature = "system-alloc"))]
@@ -19,15 +20,32 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use bnorm::digits::{self, Standardizer};
+use bnorm::layers::Module;
+use bnorm::models::Model;
 use bnorm::train::{self, RunConfig, RunResult};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 
-/// Train a 3 × 100 sigmoid MLP on handwritten digits, with and without BatchNorm.
+/// Which nets to train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Models {
+    /// The 3 x 100 sigmoid MLP.
+    Mlp,
+    /// The two-layer CNN.
+    Cnn,
+    /// Both.
+    All,
+}
+
+/// Train a 3 × 100 sigmoid MLP and a small CNN on handwritten digits, with and without
+/// BatchNorm.
 #[derive(Parser, Debug)]
 #[command(about, long_about = None, allow_negative_numbers = true)]
 struct Args {
+    /// The nets to train.
+    #[arg(long, value_enum, default_value = "all")]
+    model: Models,
     /// Optimisation steps per run (mini-batches).
     #[arg(long, default_value_t = 1500)]
     steps: usize,
@@ -125,36 +143,48 @@ fn run(args: &Args) -> Result<(), Failure> {
     let (train_set, test_set) = (scaler.apply(&train_raw), scaler.apply(&test_raw));
     println!(
         "digits: {} training and {} test images (8x8, standardised on the training split); \
-         MLP 64 -> 3 x 100 sigmoid -> 10, SGD with momentum 0.9, batch {}",
+         SGD with momentum 0.9, batch {}",
         train_set.len(),
         test_set.len(),
         args.batch_size
     );
+    let models = match args.model {
+        Models::Mlp => vec![Model::Mlp],
+        Models::Cnn => vec![Model::Cnn],
+        Models::All => vec![Model::Mlp, Model::Cnn],
+    };
+    for &model in &models {
+        println!("{model}: {}", model.build(true, 0).describe());
+    }
 
-    let configs: Vec<RunConfig> = [
-        (args.lr, false),
-        (args.lr, true),
-        (args.high_lr, false),
-        (args.high_lr, true),
-    ]
-    .into_iter()
-    .map(|(learning_rate, batchnorm)| RunConfig {
-        name: format!(
-            "{} lr={learning_rate}",
-            if batchnorm { "BatchNorm" } else { "plain" }
-        ),
-        batchnorm,
-        learning_rate,
-        steps: args.steps,
-        batch_size: args.batch_size,
-        seed: args.seed,
-        eval_every: args.eval_every,
-    })
-    .collect();
+    let configs: Vec<RunConfig> = models
+        .iter()
+        .flat_map(|&model| {
+            [
+                (args.lr, false),
+                (args.lr, true),
+                (args.high_lr, false),
+                (args.high_lr, true),
+            ]
+            .map(|(learning_rate, batchnorm)| RunConfig {
+                name: format!(
+                    "{model} {} lr={learning_rate}",
+                    if batchnorm { "BatchNorm" } else { "plain" }
+                ),
+                model,
+                batchnorm,
+                learning_rate,
+                steps: args.steps,
+                batch_size: args.batch_size,
+                seed: args.seed,
+                eval_every: args.eval_every,
+            })
+        })
+        .collect();
 
     let bars = MultiProgress::new();
     let style =
-        ProgressStyle::with_template("{prefix:>22} [{bar:30}] {pos:>5}/{len} steps  test accuracy {msg}")?
+        ProgressStyle::with_template("{prefix:>26} [{bar:30}] {pos:>5}/{len} steps  test accuracy {msg}")?
             .progress_chars("=> ");
     let mut results = Vec::new();
     for config in &configs {
@@ -169,7 +199,10 @@ fn run(args: &Args) -> Result<(), Failure> {
                 bar.set_message(format!("{:.1}%", 100.0 * accuracy));
             }
         })?;
-        bar.finish_with_message(format!("{:.1}%", 100.0 * result.final_test_accuracy()));
+        match result.diverged_at {
+            Some(step) => bar.abandon_with_message(format!("diverged at step {step}")),
+            None => bar.finish_with_message(format!("{:.1}%", 100.0 * result.final_test_accuracy())),
+        }
         results.push(result);
     }
 
@@ -179,8 +212,13 @@ fn run(args: &Args) -> Result<(), Failure> {
 
     let png = args.out.join("accuracy.png");
     let svg = args.out.join("accuracy.svg");
-    plot(&results, BitMapBackend::new(&png, (960, 600)).into_drawing_area())?;
-    plot(&results, SVGBackend::new(&svg, (960, 600)).into_drawing_area())?;
+    let size = (960, 480 * models.len() as u32);
+    plot(
+        &results,
+        &models,
+        BitMapBackend::new(&png, size).into_drawing_area(),
+    )?;
+    plot(&results, &models, SVGBackend::new(&svg, size).into_drawing_area())?;
     let summary = args.out.join("summary.json");
     std::fs::write(
         &summary,
@@ -194,13 +232,14 @@ fn run(args: &Args) -> Result<(), Failure> {
 /// The results as a table whose columns line up in a terminal (and read as Markdown).
 fn print_table(results: &[RunResult]) {
     let header = [
+        "model",
         "run",
         "learning rate",
         "final test accuracy",
         "steps to 90%",
         "wall time",
     ];
-    let rows: Vec<[String; 5]> = results
+    let rows: Vec<[String; 6]> = results
         .iter()
         .map(|r| {
             let run = if r.config.batchnorm {
@@ -208,10 +247,15 @@ fn print_table(results: &[RunResult]) {
             } else {
                 "without BatchNorm"
             };
+            let accuracy = match r.diverged_at {
+                Some(step) => format!("diverged at step {step}"),
+                None => format!("{:.1}%", 100.0 * r.final_test_accuracy()),
+            };
             [
+                r.config.model.to_string(),
                 run.to_string(),
                 r.config.learning_rate.to_string(),
-                format!("{:.1}%", 100.0 * r.final_test_accuracy()),
+                accuracy,
                 r.steps_to_90.map_or("never".to_string(), |s| s.to_string()),
                 format!("{:.2} s", r.seconds),
             ]
@@ -226,9 +270,9 @@ fn print_table(results: &[RunResult]) {
                 .unwrap_or(0)
         })
         .collect();
-    // The first column is left-aligned, the numbers right-aligned.
+    // The first two columns are left-aligned, the numbers right-aligned.
     let cell = |i: usize, text: &str| {
-        if i == 0 {
+        if i < 2 {
             format!(" {text:<width$} ", width = widths[i])
         } else {
             format!(" {text:>width$} ", width = widths[i])
@@ -241,7 +285,7 @@ fn print_table(results: &[RunResult]) {
     );
     let rule = |i: usize| {
         let dashes = "-".repeat(widths[i]);
-        if i == 0 {
+        if i < 2 {
             format!(" {dashes} ")
         } else {
             format!(" {dashes}:")
@@ -260,9 +304,11 @@ fn shown(path: &Path) -> String {
     path.display().to_string()
 }
 
-/// Test accuracy against steps, one line per run (thick: with BatchNorm; thin: without).
+/// Test accuracy against steps, a panel per model and a line per run (thick: with BatchNorm;
+/// thin: without).
 fn plot<DB: DrawingBackend>(
     results: &[RunResult],
+    models: &[Model],
     area: DrawingArea<DB, plotters::coord::Shift>,
 ) -> Result<(), Box<dyn Error>>
 where
@@ -272,19 +318,42 @@ where
     plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
         .map_err(|_| "cannot load the embedded font")?;
     area.fill(&WHITE)?;
+    let panels = area.split_evenly((models.len(), 1));
+    for (&model, panel) in models.iter().zip(&panels) {
+        let runs: Vec<&RunResult> = results.iter().filter(|r| r.config.model == model).collect();
+        let title = match model {
+            Model::Mlp => "3 x 100 sigmoid MLP",
+            Model::Cnn => "CNN: two 3x3 convolutions, max pooling, linear",
+        };
+        plot_panel(
+            &runs,
+            &format!("Test accuracy on handwritten digits: {title}"),
+            panel,
+        )?;
+    }
+    area.present()?;
+    Ok(())
+}
+
+fn plot_panel<DB: DrawingBackend>(
+    results: &[&RunResult],
+    caption: &str,
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+) -> Result<(), Box<dyn Error>>
+where
+    DB::ErrorType: 'static,
+{
     let steps = results.iter().map(|r| r.config.steps).max().unwrap_or(1);
-    let mut chart = ChartBuilder::on(&area)
-        .caption(
-            "Test accuracy on handwritten digits: 3 x 100 sigmoid MLP",
-            ("sans-serif", 24),
-        )
+    let batch = results.first().map_or(0, |r| r.config.batch_size);
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 22))
         .margin(16)
-        .x_label_area_size(48)
+        .x_label_area_size(44)
         .y_label_area_size(64)
         .build_cartesian_2d(0..steps, 0.0..1.0)?;
     chart
         .configure_mesh()
-        .x_desc("training steps (mini-batches of 60)")
+        .x_desc(format!("training steps (mini-batches of {batch})"))
         .y_desc("test accuracy")
         .label_style(("sans-serif", 16))
         .y_label_formatter(&|v| format!("{:.0}%", v * 100.0))
@@ -298,11 +367,14 @@ where
     for (i, r) in results.iter().enumerate() {
         let color = colors[i % colors.len()];
         let width = if r.config.batchnorm { 3 } else { 1 };
-        let label = format!(
+        let mut label = format!(
             "{} BatchNorm, lr {}",
             if r.config.batchnorm { "with" } else { "without" },
             r.config.learning_rate
         );
+        if let Some(step) = r.diverged_at {
+            label += &format!(" (diverged at step {step})");
+        }
         chart
             .draw_series(LineSeries::new(
                 r.curve.iter().copied(),
@@ -318,6 +390,5 @@ where
         .border_style(BLACK)
         .label_font(("sans-serif", 16))
         .draw()?;
-    area.present()?;
     Ok(())
 }

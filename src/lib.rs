@@ -4,6 +4,7 @@
 
 pub mod digits;
 pub mod golden;
+pub mod models;
 pub mod train;
 
 pub use layers;

@@ -1,22 +1,20 @@
-//! Training a multilayer perceptron on the digits, with or without BatchNorm: the engine of
+//! Training a net on the digits, with or without BatchNorm: the engine of
 //! `cargo run --release --example train`.
 //!
-//! The net follows Ioffe and Szegedy (2015), Figure 1: three hidden layers of 100 sigmoid
-//! units, with BatchNorm (when enabled) between each hidden linear layer and its sigmoid. Both
-//! variants start from the same seed, see the same mini-batches and take the same steps.
+//! The nets are in [`crate::models`]: an MLP and a CNN. The variants with and without BatchNorm
+//! start from the same seed, see the same mini-batches and take the same steps.
 
 use std::time::Instant;
 
-use layers::{
-    Activation, BatchNorm, Linear, Mode, Module, Optimizer, Sequential, Sgd, accuracy, softmax_cross_entropy,
-};
+use layers::{Mode, Module, Optimizer, Sequential, Sgd, accuracy, softmax_cross_entropy};
 use ndarray::Axis;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use tape::Tape;
 
-use crate::digits::{CLASSES, Dataset, FEATURES};
+use crate::digits::Dataset;
+use crate::models::Model;
 
 /// Why a run could not be made or finished.
 #[derive(Debug, thiserror::Error)]
@@ -31,21 +29,6 @@ pub enum TrainError {
         expected: String,
         /// The value given.
         got: String,
-    },
-    /// The training loss stopped being a number: the net diverged.
-    #[error(
-        "run {run:?} diverged: the training loss is {loss} at step {step} (learning rate {lr}; \
-         try a lower one)"
-    )]
-    Diverged {
-        /// The run's name.
-        run: String,
-        /// The step.
-        step: usize,
-        /// The loss (NaN or infinite).
-        loss: f64,
-        /// The run's learning rate.
-        lr: f64,
     },
     /// An error of the layers (a shape, or the optimizer's settings).
     #[error(transparent)]
@@ -97,17 +80,14 @@ impl RunConfig {
     }
 }
 
-/// Hidden units per layer.
-pub const HIDDEN: usize = 100;
-/// Hidden layers.
-pub const DEPTH: usize = 3;
-
 /// One training run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunConfig {
     /// Its name in tables and plots.
     pub name: String,
-    /// BatchNorm after each hidden linear layer.
+    /// The net.
+    pub model: Model,
+    /// BatchNorm after each hidden linear or convolution layer.
     pub batchnorm: bool,
     /// SGD learning rate (momentum 0.9).
     pub learning_rate: f64,
@@ -132,6 +112,9 @@ pub struct RunResult {
     pub losses: Vec<(usize, f64)>,
     /// First evaluated step with test accuracy of at least 90%.
     pub steps_to_90: Option<usize>,
+    /// The step at which the training loss stopped being a number (the net diverged), where the
+    /// run stopped.
+    pub diverged_at: Option<usize>,
     /// Wall time of the run in seconds.
     pub seconds: f64,
 }
@@ -143,42 +126,28 @@ impl RunResult {
     }
 }
 
-/// The MLP: `64 → (Linear → [BatchNorm] → Sigmoid) × 3 → Linear → 10`, initialised from `seed`.
-pub fn mlp(batchnorm: bool, seed: u64) -> Sequential<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut net = Sequential::new();
-    let mut width = FEATURES;
-    for _ in 0..DEPTH {
-        net = net.push(Linear::new(width, HIDDEN, &mut rng));
-        if batchnorm {
-            net = net.push(BatchNorm::new(HIDDEN));
-        }
-        net = net.push(Activation::Sigmoid);
-        width = HIDDEN;
-    }
-    net.push(Linear::new(width, CLASSES, &mut rng))
-}
-
 fn as_f32(data: &Dataset) -> ndarray::Array2<f32> {
     data.features().mapv(|v| v as f32)
 }
 
-/// Test accuracy in evaluation mode (BatchNorm uses its running statistics).
+/// Test accuracy of `net`, a `model`, in evaluation mode (BatchNorm uses its running
+/// statistics).
 ///
 /// # Errors
 /// A layer error (only on inconsistent shapes).
-pub fn evaluate(net: &mut Sequential<f32>, test: &Dataset) -> layers::Result<f64> {
+pub fn evaluate(model: Model, net: &mut Sequential<f32>, test: &Dataset) -> layers::Result<f64> {
     let tape = Tape::new();
-    let logits = net.forward(tape.constant(as_f32(test)), Mode::Eval)?;
+    let logits = net.forward(tape.constant(model.input(as_f32(test))), Mode::Eval)?;
     accuracy(&logits.value(), test.labels())
 }
 
 /// Trains one net on `train`, measuring test accuracy on `test` as it goes. `on_step` is called
 /// after every step with the step number and the latest test accuracy (for progress display).
+/// A run whose training loss becomes NaN or infinite stops there, with
+/// [`RunResult::diverged_at`] set.
 ///
 /// # Errors
-/// [`TrainError::Setting`] for a configuration [`RunConfig::check`] rejects,
-/// [`TrainError::Diverged`] when the training loss becomes NaN or infinite, and a layer error
+/// [`TrainError::Setting`] for a configuration [`RunConfig::check`] rejects, and a layer error
 /// for data of the wrong shape (or an empty test set).
 pub fn run(
     config: &RunConfig,
@@ -188,15 +157,17 @@ pub fn run(
 ) -> Result<RunResult, TrainError> {
     config.check(train.len())?;
     let start = Instant::now();
-    let mut net = mlp(config.batchnorm, config.seed);
+    let model = config.model;
+    let mut net = model.build(config.batchnorm, config.seed);
     let mut optimizer = Sgd::new(config.learning_rate, 0.9)?;
     let mut batches = StdRng::seed_from_u64(config.seed.wrapping_add(1));
     let features = as_f32(train);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut cursor = order.len(); // reshuffle before the first batch
 
-    let mut curve = vec![(0, evaluate(&mut net, test)?)];
+    let mut curve = vec![(0, evaluate(model, &mut net, test)?)];
     let mut losses = Vec::new();
+    let mut diverged_at = None;
     for step in 1..=config.steps {
         if cursor + config.batch_size > order.len() {
             order.shuffle(&mut batches);
@@ -207,22 +178,23 @@ pub fn run(
         let labels: Vec<usize> = batch.iter().map(|&i| train.labels()[i]).collect();
 
         let tape = Tape::new();
-        let x = tape.constant(features.select(Axis(0), batch));
-        let loss = softmax_cross_entropy(net.forward(x, Mode::Train)?, &labels)?;
+        let x = tape.constant(model.input(features.select(Axis(0), batch)));
+        let logits = net.forward(x, Mode::Train)?;
+        // Diverged weights give NaN logits (which the loss rejects), or an infinite loss.
+        let loss = match softmax_cross_entropy(logits, &labels) {
+            Ok(loss) if loss.scalar().is_finite() => loss,
+            Ok(_) | Err(layers::Error::Nan { .. }) => {
+                diverged_at = Some(step);
+                break;
+            }
+            Err(error) => return Err(error.into()),
+        };
         let loss_value = f64::from(loss.scalar());
-        if !loss_value.is_finite() {
-            return Err(TrainError::Diverged {
-                run: config.name.clone(),
-                step,
-                loss: loss_value,
-                lr: config.learning_rate,
-            });
-        }
         let grads = loss.backward()?;
         optimizer.step(net.parameters_mut(), &grads)?;
 
         if step % config.eval_every == 0 || step == config.steps {
-            curve.push((step, evaluate(&mut net, test)?));
+            curve.push((step, evaluate(model, &mut net, test)?));
             losses.push((step, loss_value));
         }
         on_step(step, curve.last().map_or(0.0, |&(_, a)| a));
@@ -236,23 +208,27 @@ pub fn run(
         curve,
         losses,
         steps_to_90,
+        diverged_at,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
 
-/// `summary.json`: `{"runs": [{"name", "batchnorm", "learning_rate", "steps",
-/// "final_test_accuracy", "steps_to_90", "seconds"}, ...]}`.
+/// `summary.json`: `{"runs": [{"name", "model", "batchnorm", "learning_rate", "steps",
+/// "final_test_accuracy", "steps_to_90", "diverged_at", "seconds"}, ...]}`, `model` being
+/// `"mlp"` or `"cnn"`.
 pub fn summary_json(results: &[RunResult]) -> serde_json::Value {
     let runs: Vec<serde_json::Value> = results
         .iter()
         .map(|r| {
             serde_json::json!({
                 "name": r.config.name,
+                "model": r.config.model.name(),
                 "batchnorm": r.config.batchnorm,
                 "learning_rate": r.config.learning_rate,
                 "steps": r.config.steps,
                 "final_test_accuracy": r.final_test_accuracy(),
                 "steps_to_90": r.steps_to_90,
+                "diverged_at": r.diverged_at,
                 "seconds": r.seconds,
             })
         })
@@ -275,6 +251,7 @@ mod tests {
     fn config(batchnorm: bool) -> RunConfig {
         RunConfig {
             name: "test".into(),
+            model: Model::Mlp,
             batchnorm,
             learning_rate: 0.05,
             steps: 60,
@@ -282,19 +259,6 @@ mod tests {
             seed: 3,
             eval_every: 20,
         }
-    }
-
-    #[test]
-    fn the_mlp_has_the_papers_shape() {
-        let plain = mlp(false, 0);
-        let with_bn = mlp(true, 0);
-        assert_eq!(plain.layers().len(), 7);
-        assert_eq!(with_bn.layers().len(), 10);
-        assert_eq!(
-            plain.parameter_count(),
-            64 * 100 + 100 + 2 * (100 * 100 + 100) + 100 * 10 + 10
-        );
-        assert_eq!(with_bn.parameter_count(), plain.parameter_count() + 3 * 200);
     }
 
     #[test]
@@ -346,40 +310,45 @@ mod tests {
     }
 
     #[test]
-    fn a_net_that_diverges_is_an_error_naming_the_run_and_step() {
-        // At lr 1e38 the f32 weights overflow and the loss turns NaN; the accuracy of NaN logits used to
-        // print as the share of label 0.
+    fn a_net_that_diverges_stops_and_says_where() {
+        // At lr 1e38 the f32 weights overflow and the loss turns NaN; the accuracy of NaN logits
+        // used to print as the share of label 0.
         let (train, test) = data();
         let wild = RunConfig {
             name: "wild".into(),
             learning_rate: 1e38,
             ..config(false)
         };
-        let error = run(&wild, &train, &test, |_, _| {}).unwrap_err();
-        assert!(
-            matches!(error, TrainError::Diverged { step, .. } if step <= 60),
-            "{error}"
-        );
-        assert!(
-            error
-                .to_string()
-                .starts_with("run \"wild\" diverged: the training loss is"),
-            "{error}"
-        );
+        let mut steps = 0;
+        let result = run(&wild, &train, &test, |_, _| steps += 1).unwrap();
+        let at = result.diverged_at.expect("the run diverges");
+        assert!(at <= 60 && steps == at - 1, "{at}, {steps}");
+        assert!(result.curve.iter().all(|&(step, _)| step < at));
     }
 
     #[test]
     fn a_run_is_deterministic_and_learns() {
         let (train, test) = data();
         assert_eq!((train.len(), test.len()), (1438, 359));
-        for batchnorm in [false, true] {
-            let first = run(&config(batchnorm), &train, &test, |_, _| {}).unwrap();
-            let second = run(&config(batchnorm), &train, &test, |_, _| {}).unwrap();
+        for (model, batchnorm) in [
+            (Model::Mlp, false),
+            (Model::Mlp, true),
+            (Model::Cnn, false),
+            (Model::Cnn, true),
+        ] {
+            let config = RunConfig {
+                model,
+                ..config(batchnorm)
+            };
+            let first = run(&config, &train, &test, |_, _| {}).unwrap();
+            let second = run(&config, &train, &test, |_, _| {}).unwrap();
             assert_eq!(first.curve, second.curve, "same seed, same numbers");
             assert_eq!(first.losses, second.losses);
             assert_eq!(first.curve.len(), 4);
-            // In 60 steps the BatchNorm net learns; a deep sigmoid net without it barely moves.
-            if batchnorm {
+            assert_eq!(first.diverged_at, None);
+            // In 60 steps the BatchNorm nets and the CNN learn; a deep sigmoid net without
+            // BatchNorm barely moves.
+            if batchnorm || model == Model::Cnn {
                 assert!(
                     first.final_test_accuracy() > first.curve[0].1 + 0.3,
                     "{:?}",
@@ -389,7 +358,8 @@ mod tests {
         }
         let summary = summary_json(&[run(&config(true), &train, &test, |_, _| {}).unwrap()]);
         let keys: Vec<&String> = summary["runs"][0].as_object().unwrap().keys().collect();
-        assert_eq!(keys.len(), 7);
+        assert_eq!(keys.len(), 9);
+        assert_eq!(summary["runs"][0]["model"], "mlp");
         assert!(summary["runs"][0]["steps_to_90"].is_null() || summary["runs"][0]["steps_to_90"].is_u64());
     }
 }

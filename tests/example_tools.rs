@@ -108,3 +108,62 @@ fn bench_rejects_shapes_it_cannot_time() {
         assert_usage_error("bench", &["--shape", shape], message);
     }
 }
+
+#[test]
+fn train_runs_both_models_and_labels_each_run() {
+    let out = std::env::temp_dir().join(format!("bnorm-train-models-{}", std::process::id()));
+    let out_flag = out.to_str().unwrap();
+    let output = run(
+        "train",
+        &["--steps", "20", "--eval-every", "10", "--out", out_flag],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("| MLP   |") && stdout.contains("| CNN   |"),
+        "{stdout}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let models: Vec<&str> = summary["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(models, ["mlp", "mlp", "mlp", "mlp", "cnn", "cnn", "cnn", "cnn"]);
+    for file in ["accuracy.png", "accuracy.svg"] {
+        assert!(out.join(file).metadata().unwrap().len() > 1000, "{file}");
+    }
+
+    let output = run(
+        "train",
+        &[
+            "--model",
+            "cnn",
+            "--steps",
+            "5",
+            "--eval-every",
+            "5",
+            "--out",
+            out_flag,
+        ],
+    );
+    assert!(output.status.success());
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["runs"].as_array().unwrap().len(), 4);
+    assert!(
+        summary["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|run| run["model"] == "cnn")
+    );
+    assert_usage_error("train", &["--model", "rnn"], "invalid value 'rnn' for '--model");
+    std::fs::remove_dir_all(&out).unwrap();
+}

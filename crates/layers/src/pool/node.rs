@@ -26,73 +26,72 @@ const PADDING: usize = usize::MAX;
 pub(crate) struct PoolNode {
     kind: Kind,
     geometry: Geometry,
+    /// The input index under each tap of each window of a plane (row-major over output
+    /// positions, then taps), or [`PADDING`]: the same for every plane, so computed once and
+    /// only looked up in the inner loops.
+    taps: Vec<usize>,
     argmax: Vec<usize>,
 }
 
 impl PoolNode {
     pub(crate) fn new(kind: Kind, geometry: Geometry) -> Self {
-        PoolNode {
-            kind,
-            geometry,
-            argmax: Vec::new(),
-        }
-    }
-
-    /// `visit(p, k, tap)` for each output position `p` of a plane and each tap `k` of its
-    /// window, in row-major order of both: `tap` is the index of the tap's input value in the
-    /// plane, or `None` for padding.
-    fn for_each_tap(&self, mut visit: impl FnMut(usize, usize, Option<usize>)) {
-        let g = &self.geometry;
-        let w = &g.window;
-        let [h, width] = g.input;
-        let along = |axis: usize, out: usize, k: usize, size: usize| {
+        let w = &geometry.window;
+        let along = |axis: usize, out: usize, k: usize| {
             (out * w.stride[axis] + k * w.dilation[axis])
                 .checked_sub(w.padding[axis])
-                .filter(|&i| i < size)
+                .filter(|&at| at < geometry.input[axis])
         };
-        for oh in 0..g.output[0] {
-            for ow in 0..g.output[1] {
-                let p = oh * g.output[1] + ow;
+        let mut taps = Vec::with_capacity(geometry.positions() * geometry.taps());
+        for oh in 0..geometry.output[0] {
+            for ow in 0..geometry.output[1] {
                 for kh in 0..w.kernel[0] {
-                    let row = along(0, oh, kh, h);
                     for kw in 0..w.kernel[1] {
-                        let tap = row.zip(along(1, ow, kw, width)).map(|(r, c)| r * width + c);
-                        visit(p, kh * w.kernel[1] + kw, tap);
+                        let at = along(0, oh, kh).zip(along(1, ow, kw));
+                        taps.push(at.map_or(PADDING, |(r, c)| r * geometry.input[1] + c));
                     }
                 }
             }
         }
+        PoolNode {
+            kind,
+            geometry,
+            taps,
+            argmax: Vec::new(),
+        }
+    }
+
+    /// The taps of each window of a plane, in output order.
+    fn windows(&self) -> std::slice::ChunksExact<'_, usize> {
+        self.taps.chunks_exact(self.geometry.taps())
     }
 
     /// The outputs of one plane, and for max pooling their arg-maxes (appended to `argmax`).
     fn forward_plane<T: Element>(&self, plane: &[T], out: &mut [MaybeUninit<T>], argmax: &mut Vec<usize>) {
-        let last = self.geometry.taps() - 1;
-        let value = |tap: Option<usize>, pad: T| tap.map_or(pad, |i| plane[i]);
+        // `PADDING` is past the end of every plane.
+        let value = |tap: usize, pad: T| plane.get(tap).map_or(pad, |&v| v);
         match self.kind {
             Kind::Max => {
-                let mut best = (PADDING, T::neg_infinity());
-                self.for_each_tap(|p, k, tap| {
-                    let v = value(tap, T::neg_infinity());
-                    // The first maximum, or the first NaN: as the composed `max_axis`.
-                    if k == 0 || v > best.1 || (v.is_nan() && !best.1.is_nan()) {
-                        best = (tap.unwrap_or(PADDING), v);
+                for (window, out) in self.windows().zip(out) {
+                    let (mut best, mut best_value) = (window[0], value(window[0], T::neg_infinity()));
+                    for &tap in &window[1..] {
+                        let v = value(tap, T::neg_infinity());
+                        // The first maximum, or the first NaN: as the composed `max_axis`.
+                        let take = (v > best_value) | (v.is_nan() & !best_value.is_nan());
+                        best_value = if take { v } else { best_value };
+                        best = if take { tap } else { best };
                     }
-                    if k == last {
-                        argmax.push(best.0);
-                        out[p].write(best.1);
-                    }
-                });
+                    argmax.push(best);
+                    out.write(best_value);
+                }
             }
             Kind::Avg => {
-                let count = T::from_f64_lossy((last + 1) as f64);
-                let mut sum = T::zero();
-                self.for_each_tap(|p, k, tap| {
-                    let v = value(tap, T::zero());
-                    sum = if k == 0 { v } else { sum + v };
-                    if k == last {
-                        out[p].write(sum / count);
-                    }
-                });
+                let count = T::from_f64_lossy(self.geometry.taps() as f64);
+                for (window, out) in self.windows().zip(out) {
+                    let sum = window[1..].iter().fold(value(window[0], T::zero()), |sum, &tap| {
+                        sum + value(tap, T::zero())
+                    });
+                    out.write(sum / count);
+                }
             }
         }
     }
@@ -107,7 +106,7 @@ impl PoolNode {
         };
         let (out, argmax) = on_pool(rows.parallel(), || {
             collect_blocks_with(rows, |range, out| {
-                let mut argmax = Vec::new();
+                let mut argmax = Vec::with_capacity(if self.kind == Kind::Max { range.len() } else { 0 });
                 let planes = range.start / positions..range.end / positions;
                 for (plane, out) in planes.zip(out.chunks_exact_mut(positions)) {
                     self.forward_plane(&x[plane * plane_len..][..plane_len], out, &mut argmax);
@@ -135,11 +134,11 @@ impl PoolNode {
             }
             Kind::Avg => {
                 let count = T::from_f64_lossy(self.geometry.taps() as f64);
-                self.for_each_tap(|p, _, tap| {
-                    if let Some(i) = tap {
-                        dx[i] = dx[i] + dout[p] / count;
+                for (window, &g) in self.windows().zip(dout) {
+                    for &tap in window.iter().filter(|&&tap| tap != PADDING) {
+                        dx[tap] = dx[tap] + g / count;
                     }
-                });
+                }
             }
         }
     }
