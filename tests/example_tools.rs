@@ -167,3 +167,41 @@ fn train_runs_both_models_and_labels_each_run() {
     assert_usage_error("train", &["--model", "rnn"], "invalid value 'rnn' for '--model");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn bench_prints_a_json_line_per_case_of_each_op() {
+    let output = run(
+        "bench",
+        &[
+            "--quick",
+            "--op",
+            "conv2d",
+            "--op",
+            "max-pool2d",
+            "--shape",
+            "64x1x8x8",
+            "--shape",
+            "32x32x28x28",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["op"], "conv2d");
+    assert_eq!(lines[0]["shape"], serde_json::json!([64, 1, 8, 8]));
+    assert_eq!(lines[0]["out_channels"], 16);
+    assert_eq!(lines[1]["op"], "max_pool2d");
+    for line in &lines {
+        for key in ["dtype", "kernel", "stride", "padding", "fused_us", "composed_us"] {
+            assert!(!line[key].is_null(), "{key} in {line}");
+        }
+        assert!(line["fused_us"].as_f64().unwrap() > 0.0);
+    }
+}

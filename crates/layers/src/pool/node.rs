@@ -72,16 +72,21 @@ impl PoolNode {
         match self.kind {
             Kind::Max => {
                 for (window, out) in self.windows().zip(out) {
-                    let (mut best, mut best_value) = (window[0], value(window[0], T::neg_infinity()));
+                    // The first maximum, or the first NaN: as the composed `max_axis`. Which tap
+                    // wins is data, unpredictable, so the loop selects by masks and `max`, never
+                    // branches: `best_value` is the maximum of the numbers, `nan` whether a NaN
+                    // came (`best` is then the first one).
+                    let first = value(window[0], T::neg_infinity());
+                    let (mut best, mut best_value, mut nan) = (window[0], first, first.is_nan());
                     for &tap in &window[1..] {
                         let v = value(tap, T::neg_infinity());
-                        // The first maximum, or the first NaN: as the composed `max_axis`.
-                        let take = (v > best_value) | (v.is_nan() & !best_value.is_nan());
-                        best_value = if take { v } else { best_value };
-                        best = if take { tap } else { best };
+                        let take = ((v > best_value) | v.is_nan()) & !nan;
+                        best ^= (best ^ tap) & usize::from(take).wrapping_neg();
+                        nan |= v.is_nan();
+                        best_value = best_value.max(v);
                     }
                     argmax.push(best);
-                    out.write(best_value);
+                    out.write(if nan { value(best, T::nan()) } else { best_value });
                 }
             }
             Kind::Avg => {

@@ -1,14 +1,16 @@
-//! Times BatchNorm forward + backward on the tape: the fused node against the same computation
-//! composed from primitives, beside the memory-traffic bound measured in the same run.
+//! Times forward + backward on the tape, fused node against the same computation composed from
+//! primitives: BatchNorm (beside the memory-traffic bound measured in the same run), and the
+//! conv-net ops conv2d and max_pool2d.
 //!
 //! ```sh
-//! cargo run --release --example bench                      # the whole grid, f32 and f64
+//! cargo run --release --example bench                      # the whole grid: BatchNorm f32 and f64, conv and pool f32
 //! cargo run --release --example bench -- --quick           # a subset, fewer repetitions
-//! cargo run --release --example bench -- --dtype f32 --shape 4096x4096
+//! cargo run --release --example bench -- --op batch_norm --dtype f32 --shape 4096x4096
+//! cargo run --release --example bench -- --op conv2d --shape 60x16x8x8
 //! ```
 //!
-//! Prints one JSON line per case on stdout:
-//! `{"dtype": "f32", "shape": [4096, 4096], "fused_us": ..., "composed_us": ..., "fused_saved_bytes": ...,
+//! Prints one JSON line per case on stdout. For BatchNorm:
+//! `{"op": "batch_norm", "dtype": "f32", "shape": [4096, 4096], "fused_us": ..., "composed_us": ..., "fused_saved_bytes": ...,
 //! "composed_saved_bytes": ..., "copy_gbps": ..., "traffic_bound_us": ...}`, where times are medians of
 //! whole forward + backward passes (tape built, node run, gradients computed, everything freed;
 //! fused and composed passes are timed in alternating stints, so both medians come from the same
@@ -16,7 +18,16 @@
 //! writes of the input at `copy_gbps` (the best of a single- and a multi-threaded copy of 256 MiB,
 //! counting bytes read plus bytes written). A readable summary goes to stderr. The main thread is
 //! made one of rayon's pool threads (`--main-outside-pool` for rayon's default).
+//!
+//! For conv2d (kernel 3x3, padding 1) and max_pool2d (2x2, stride 2), with every gradient:
+//! `{"op": "conv2d", "dtype": "f32", "shape": [60, 16, 8, 8], "out_channels": 32, "kernel": [3, 3],
+//! "stride": [1, 1], "padding": [1, 1], "fused_us": ..., "composed_us": ..., "fused_saved_bytes": ...,
+//! "composed_saved_bytes": ...}` (for pooling, `out_channels` is the input's channels).
+//!
 //! Feed the output to `benches/pytorch_reference.py --ours FILE` for the ratios to PyTorch.
+
+mod batch_norm;
+mod conv;
 
 // Every pass allocates and frees input-sized arrays. The system allocator returns them to the
 // OS, so each new one pays a page fault per 4 KiB on first write (for large arrays more than the
@@ -26,29 +37,14 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use layers::{batch_norm, batch_norm_composed};
-use ndarray::{Array1, ArrayD, IxDyn};
-use rand::SeedableRng;
+use ndarray::{ArrayD, IxDyn};
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
-use rayon::prelude::*;
-use tape::{Element, Tape};
+use tape::Element;
 
-const GRID: [&[usize]; 7] = [
-    &[8, 4],
-    &[64, 64],
-    &[256, 1024],
-    &[1024, 64],
-    &[4096, 4096],
-    &[65536, 256],
-    &[32, 64, 56, 56],
-];
-const QUICK: [&[usize]; 4] = [&[8, 4], &[64, 64], &[256, 1024], &[4096, 4096]];
-const COMPOSED_MAX_ELEMENTS: usize = 20_000_000;
 /// The most timed runs of one kind of pass in one case, however short the pass.
 const MAX_RUNS: usize = 10_000;
 
@@ -58,16 +54,27 @@ enum Dtype {
     F64,
 }
 
-/// Benchmark fused vs composed BatchNorm forward + backward.
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Op {
+    BatchNorm,
+    Conv2d,
+    MaxPool2d,
+}
+
+/// Benchmark fused vs composed forward + backward: BatchNorm, conv2d and max_pool2d.
 #[derive(Parser, Debug)]
 struct Args {
+    /// Only this op (repeat for several) [default: all].
+    #[arg(long, value_enum)]
+    op: Vec<Op>,
     /// Run a subset of the grid with fewer repetitions.
     #[arg(long)]
     quick: bool,
-    /// Only this element type.
+    /// Only this element type [default: f32 and f64 for BatchNorm, f32 for conv2d and pooling].
     #[arg(long, value_enum)]
     dtype: Option<Dtype>,
-    /// Only this shape, as NxC or NxCxHxW (repeat for several).
+    /// Only this shape, as NxC or NxCxHxW (repeat for several): any shape for BatchNorm, the
+    /// grid's input shapes for conv2d and max_pool2d.
     #[arg(long, value_parser = parse_shape)]
     shape: Vec<Vec<usize>>,
     /// Leave the main thread out of rayon's pool (rayon's default). Without this flag the main
@@ -115,7 +122,7 @@ fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
 /// Repetition budget: at least `min_runs`, and until `min_time` has passed (at most
 /// [`MAX_RUNS`]).
 #[derive(Clone, Copy)]
-struct Budget {
+pub(crate) struct Budget {
     min_runs: usize,
     min_time: Duration,
 }
@@ -127,7 +134,7 @@ struct Budget {
 /// single runs in turn: each kind of pass is timed in its own steady state (caches, allocator),
 /// as a training loop repeating one graph runs it; the first run of a stint is not timed.
 /// Without `run_b`, `run_a` alone, in the same stints.
-fn medians_us<I>(
+pub(crate) fn medians_us<I>(
     budget: Budget,
     mut setup: impl FnMut() -> I,
     mut run_a: impl FnMut(I),
@@ -165,114 +172,40 @@ fn median(mut times: Vec<f64>) -> f64 {
     times[times.len() / 2]
 }
 
-/// Copy bandwidth in GB/s (bytes read + bytes written per second): the best of a single- and
-/// a multi-threaded copy of a buffer far larger than the caches.
-fn copy_gbps() -> f64 {
-    let len = 256 << 20 >> 3; // 256 MiB of f64
-    let source = vec![1.0f64; len];
-    let mut target = vec![0.0f64; len];
-    let bytes = 2.0 * (len * 8) as f64;
-    let mut best = 0.0f64;
-    for parallel in [false, true] {
-        for _ in 0..5 {
-            let t = Instant::now();
-            if parallel {
-                target
-                    .par_chunks_mut(1 << 16)
-                    .zip(source.par_chunks(1 << 16))
-                    .for_each(|(t, s)| t.copy_from_slice(s));
-            } else {
-                target.copy_from_slice(&source);
-            }
-            black_box(&target);
-            best = best.max(bytes / t.elapsed().as_secs_f64() / 1e9);
-        }
-    }
-    best
-}
-
-fn normal<T: Element>(shape: &[usize], rng: &mut StdRng) -> ArrayD<T> {
+pub(crate) fn normal<T: Element>(shape: &[usize], rng: &mut StdRng) -> ArrayD<T> {
     ArrayD::from_shape_simple_fn(IxDyn(shape), || {
         let z: f64 = StandardNormal.sample(&mut *rng);
         T::from_f64_lossy(1.0 + 2.0 * z)
     })
 }
 
-/// One forward + backward on a fresh tape; returns the bytes the tape kept for backward.
-fn pass<T: Element>(
-    composed: bool,
-    (x, gamma, beta, dout): (ArrayD<T>, Array1<T>, Array1<T>, ArrayD<T>),
-) -> usize {
-    let tape = Tape::new();
-    let (x, gamma, beta) = (tape.var(x), tape.var(gamma), tape.var(beta));
-    let y = if composed {
-        batch_norm_composed(x, gamma, beta, 1e-5)
-    } else {
-        batch_norm(x, gamma, beta, 1e-5)
-    };
-    let y = y.unwrap_or_else(|e| panic!("benchmark inputs are valid: {e}"));
-    let saved = tape.saved_bytes();
-    let grads = y
-        .backward_with(dout)
-        .unwrap_or_else(|e| panic!("benchmark gradient is valid: {e}"));
-    black_box(grads.get(x).map(|g| g.len()));
-    saved
-}
-
-fn case<T: Element>(shape: &[usize], budget: Budget, copy_gbps: f64) -> String {
-    let mut rng = StdRng::seed_from_u64(0);
-    let c = shape[1];
-    let x = normal::<T>(shape, &mut rng);
-    let dout = normal::<T>(shape, &mut rng);
-    let (gamma, beta) = (Array1::<T>::ones(c), Array1::<T>::zeros(c));
-    let inputs = || (x.clone(), gamma.clone(), beta.clone(), dout.clone());
-    let elements = x.len();
-
-    let fused_saved = pass::<T>(false, inputs());
-    let fused = |i| {
-        pass::<T>(false, i);
-    };
-    let (fused_us, composed_us, composed_saved) = if elements <= COMPOSED_MAX_ELEMENTS {
-        let mut composed = |i| {
-            pass::<T>(true, i);
-        };
-        let (fused_us, composed_us) = medians_us(budget, inputs, fused, Some(&mut composed));
-        let saved = pass::<T>(true, inputs());
-        let composed_us = composed_us.map_or("null".to_string(), |us| format!("{us:.1}"));
-        (fused_us, composed_us, saved.to_string())
-    } else {
-        let (fused_us, _) = medians_us(budget, inputs, fused, None);
-        (fused_us, "null".to_string(), "null".to_string())
-    };
-    let traffic_bound_us = 9.0 * (elements * std::mem::size_of::<T>()) as f64 / (copy_gbps * 1e9) * 1e6;
-    eprintln!(
-        "{:>4} {:<18} fused {:>10.1} us ({:>5.2} x traffic bound)   composed {:>10} us   saved bytes {} vs {}",
-        T::NAME,
-        format!("{shape:?}"),
-        fused_us,
-        fused_us / traffic_bound_us,
-        composed_us,
-        fused_saved,
-        composed_saved
-    );
-    format!(
-        "{{\"dtype\": \"{}\", \"shape\": {shape:?}, \"fused_us\": {fused_us:.1}, \"composed_us\": {composed_us}, \
-         \"fused_saved_bytes\": {fused_saved}, \"composed_saved_bytes\": {composed_saved}, \"copy_gbps\": {copy_gbps:.2}, \
-         \"traffic_bound_us\": {traffic_bound_us:.3}}}",
-        T::NAME
-    )
-}
-
 fn main() {
     let args = Args::parse();
-    let shapes: Vec<Vec<usize>> = if !args.shape.is_empty() {
+    let ops = if args.op.is_empty() {
+        vec![Op::BatchNorm, Op::Conv2d, Op::MaxPool2d]
+    } else {
+        args.op.clone()
+    };
+    let bn_shapes: Vec<Vec<usize>> = if !args.shape.is_empty() {
         args.shape.clone()
     } else if args.quick {
-        QUICK.iter().map(|s| s.to_vec()).collect()
+        batch_norm::QUICK.iter().map(|s| s.to_vec()).collect()
     } else {
-        GRID.iter().map(|s| s.to_vec()).collect()
+        batch_norm::GRID.iter().map(|s| s.to_vec()).collect()
     };
-    let dtypes: Vec<Dtype> = args.dtype.map_or(vec![Dtype::F32, Dtype::F64], |d| vec![d]);
+    // The conv-net cases of the grid, or those whose input shape was asked for.
+    let asked = |shape: &[usize]| args.shape.is_empty() || args.shape.iter().any(|s| s == shape);
+    let conv_count = if args.quick {
+        conv::QUICK_CONV
+    } else {
+        conv::CONV.len()
+    };
+    let convs: Vec<([usize; 4], usize)> = conv::CONV[..conv_count]
+        .iter()
+        .copied()
+        .filter(|(shape, _)| asked(shape))
+        .collect();
+    let pools: Vec<[usize; 4]> = conv::POOL.iter().copied().filter(|s| asked(s)).collect();
     let budget = if args.quick {
         Budget {
             min_runs: 3,
@@ -294,7 +227,6 @@ fn main() {
             std::process::exit(2);
         }
     }
-    let copy_gbps = copy_gbps();
     let allocator = if cfg!(feature = "system-alloc") {
         "system"
     } else {
@@ -306,16 +238,43 @@ fn main() {
         "the main thread one of them"
     };
     eprintln!(
-        "copy bandwidth {copy_gbps:.2} GB/s (read + write), {} rayon threads ({main_thread}), {allocator} allocator",
+        "{} rayon threads ({main_thread}), {allocator} allocator",
         rayon::current_num_threads()
     );
-    for dtype in dtypes {
-        for shape in &shapes {
-            let line = match dtype {
-                Dtype::F32 => case::<f32>(shape, budget, copy_gbps),
-                Dtype::F64 => case::<f64>(shape, budget, copy_gbps),
-            };
-            println!("{line}");
+    for op in ops {
+        let dtypes = match (args.dtype, op) {
+            (Some(dtype), _) => vec![dtype],
+            (None, Op::BatchNorm) => vec![Dtype::F32, Dtype::F64],
+            (None, _) => vec![Dtype::F32],
+        };
+        for dtype in dtypes {
+            match op {
+                Op::BatchNorm => {
+                    let copy_gbps = batch_norm::copy_gbps();
+                    eprintln!("copy bandwidth {copy_gbps:.2} GB/s (read + write)");
+                    bn_shapes
+                        .iter()
+                        .map(|shape| match dtype {
+                            Dtype::F32 => batch_norm::case::<f32>(shape, budget, copy_gbps),
+                            Dtype::F64 => batch_norm::case::<f64>(shape, budget, copy_gbps),
+                        })
+                        .for_each(|line| println!("{line}"))
+                }
+                Op::Conv2d => convs
+                    .iter()
+                    .map(|&(shape, out)| match dtype {
+                        Dtype::F32 => conv::conv_case::<f32>(shape, out, budget),
+                        Dtype::F64 => conv::conv_case::<f64>(shape, out, budget),
+                    })
+                    .for_each(|line| println!("{line}")),
+                Op::MaxPool2d => pools
+                    .iter()
+                    .map(|&shape| match dtype {
+                        Dtype::F32 => conv::pool_case::<f32>(shape, budget),
+                        Dtype::F64 => conv::pool_case::<f64>(shape, budget),
+                    })
+                    .for_each(|line| println!("{line}")),
+            }
         }
     }
 }
