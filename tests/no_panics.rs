@@ -1,5 +1,5 @@
-//! Hostile input never panics: the public API (tape ops, BatchNorm at its three levels, the
-//! layers and the loss, the optimizers, the golden reader) is driven with random shapes, empty
+//! Hostile input never panics: the public API (tape ops, BatchNorm at its three levels, conv,
+//! pooling and dropout, the layers and the loss, the optimizers, the golden reader) is driven with random shapes, empty
 //! ones included, and random values, NaN, ±inf, subnormals and ±1e300 included. Every call must
 //! return `Ok` or `Err`; which one is not checked here (the unit tests check the values).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
@@ -7,9 +7,10 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use layers::{
-    Activation, Adam, BatchNorm, Linear, Mode, Module, Optimizer, Parameter, Sequential, Sgd, accuracy,
-    batch_norm, batch_norm_composed, batchnorm_backward, batchnorm_forward, softmax_cross_entropy,
-    softmax_cross_entropy_composed,
+    Activation, Adam, AvgPool2d, BatchNorm, Conv2d, Conv2dOptions, Dropout, Flatten, Linear, MaxPool2d, Mode,
+    Module, Optimizer, Parameter, Sequential, Sgd, Window2d, accuracy, avg_pool2d, avg_pool2d_composed,
+    batch_norm, batch_norm_composed, batchnorm_backward, batchnorm_forward, conv2d, conv2d_composed, dropout,
+    dropout_composed, max_pool2d, max_pool2d_composed, softmax_cross_entropy, softmax_cross_entropy_composed,
 };
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
@@ -45,6 +46,12 @@ fn shape(max_rank: usize) -> impl Strategy<Value = Vec<usize>> {
 fn target_shape() -> impl Strategy<Value = Vec<usize>> {
     let size = prop_oneof![8 => 0usize..4, 1 => Just((1usize << 63) + 3), 1 => Just(usize::MAX)];
     prop::collection::vec(size, 0..=3)
+}
+
+/// Window settings a hostile caller would send: small ones, 0, and sizes that overflow.
+fn setting() -> impl Strategy<Value = [usize; 2]> {
+    let size = prop_oneof![8 => 0usize..4, 1 => Just(usize::MAX / 2), 1 => Just(usize::MAX)];
+    [size.clone(), size]
 }
 
 /// An array of `shape` filled with `values`, repeated.
@@ -137,6 +144,60 @@ proptest! {
     }
 
     #[test]
+    fn conv_pooling_and_dropout_return_ok_or_err(
+        (x_shape, w_shape, b_shape) in (shape(5), shape(5), shape(2)),
+        values in prop::collection::vec(value(), 1..8),
+        (kernel, stride, padding, dilation) in (setting(), setting(), setting(), setting()),
+        groups in prop_oneof![4 => 0usize..4, 1 => Just(usize::MAX)],
+        p in value(),
+    ) {
+        no_panic("conv, pooling, dropout", || {
+            let tape = Tape::<f64>::new();
+            let (x, w) = (tape.var(array(&x_shape, &values)), tape.var(array(&w_shape, &values[1..])));
+            let b = tape.var(array(&b_shape, &values));
+            let options = Conv2dOptions { stride, padding, dilation, groups };
+            let window = Window2d { kernel, stride, padding, dilation };
+            let mut outputs = Vec::new();
+            for bias in [None, Some(b)] {
+                outputs.extend(conv2d(x, w, bias, options).ok());
+                outputs.extend(conv2d_composed(x, w, bias, options).ok());
+            }
+            for pool in [max_pool2d, max_pool2d_composed, avg_pool2d, avg_pool2d_composed] {
+                outputs.extend(pool(x, window).ok());
+            }
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+            outputs.extend(dropout(x, p, &mut rng).ok());
+            outputs.extend(dropout_composed(x, p, &mut rng).ok());
+            outputs.extend(x.unfold(window).ok());
+            outputs.extend(x.flatten().ok());
+            for output in outputs {
+                let _ = output.backward_with(array(&output.shape(), &values));
+                let _ = output.backward_with(array(&x_shape, &values));
+            }
+            let channels = |i: usize| x_shape.get(i).copied().unwrap_or(1);
+            let mut layers: Vec<Box<dyn Module<f64>>> = vec![
+                Box::new(MaxPool2d::with_window(window)),
+                Box::new(AvgPool2d::new(kernel)),
+                Box::new(Flatten),
+            ];
+            layers.extend(Dropout::new(p, 0).ok().map(|d| Box::new(d) as _));
+            layers.extend(
+                Conv2d::with_options(channels(1), channels(0), kernel, options, true, &mut rng)
+                    .ok()
+                    .filter(|_| kernel.iter().chain(&[channels(0), channels(1)]).all(|&k| k < 8))
+                    .map(|c| Box::new(c) as _),
+            );
+            for layer in &mut layers {
+                for mode in [Mode::Train, Mode::Eval] {
+                    if let Ok(y) = layer.forward(x, mode) {
+                        let _ = y.backward_with(array(&y.shape(), &values));
+                    }
+                }
+            }
+        })?;
+    }
+
+    #[test]
     fn layers_losses_and_optimizers_return_ok_or_err(
         (x_shape, weight_shape) in (shape(3), shape(3)),
         (inputs, outputs) in (0usize..4, 0usize..4),
@@ -203,7 +264,7 @@ proptest! {
         ),
     ) {
         // A real file with the shape of one of its arrays replaced.
-        let text = include_str!("data/pytorch_batchnorm.json");
+        let text = FILES[occurrence % 2];
         let starts: Vec<usize> = text.match_indices("\"shape\": [").map(|(i, m)| i + m.len()).collect();
         let start = starts[occurrence % starts.len()];
         let end = start + text[start..].find(']').unwrap();
@@ -221,13 +282,19 @@ proptest! {
         ]),
     ) {
         // A real file with up to 40 bytes cut out somewhere and something else put in.
-        let text = include_str!("data/pytorch_batchnorm.json");
+        let text = FILES[at.index(2)];
         let start = floor_boundary(text, at.index(text.len()));
         let end = floor_boundary(text, (start + cut).min(text.len()));
         let mutated = format!("{}{insert}{}", &text[..start], &text[end..]);
         no_panic("golden reader", || read_and_check(&mutated))?;
     }
 }
+
+/// The golden files, each of its own kinds.
+const FILES: [&str; 2] = [
+    include_str!("data/pytorch_batchnorm.json"),
+    include_str!("data/pytorch_conv_pool.json"),
+];
 
 /// Parses a golden file and checks every case it accepts, in f64 and in f32.
 fn read_and_check(text: &str) {

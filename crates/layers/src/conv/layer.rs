@@ -46,6 +46,10 @@ pub struct Conv2d<T: Element> {
 impl<T: Element> Conv2d<T> {
     /// A layer with a bias and the default options (stride 1, no padding), initialised as
     /// PyTorch does from `rng`.
+    ///
+    /// # Panics
+    /// If the weight, `out_channels × in_channels × kH × kW` values, could not be allocated
+    /// ([`Conv2d::with_options`] returns an error instead).
     pub fn new(in_channels: usize, out_channels: usize, kernel: [usize; 2], rng: &mut impl Rng) -> Self {
         Self::build(
             in_channels,
@@ -61,7 +65,7 @@ impl<T: Element> Conv2d<T> {
     ///
     /// # Errors
     /// [`Error::InvalidSetting`] for `groups = 0`, [`Error::Groups`] when `groups` does not divide
-    /// both channel counts.
+    /// both channel counts, [`Error::Tape`] when the weight is larger than an array can be.
     pub fn with_options(
         in_channels: usize,
         out_channels: usize,
@@ -82,6 +86,13 @@ impl<T: Element> Conv2d<T> {
             if channels % groups != 0 {
                 return Err(Error::Groups { groups, channels, of });
             }
+        }
+        let shape = [out_channels, in_channels / groups, kernel[0], kernel[1]];
+        if !super::fits::<T>(&shape) {
+            return Err(Error::Tape(tape::TapeError::TooLarge {
+                op: "Conv2d",
+                shape: shape.to_vec(),
+            }));
         }
         Ok(Self::build(in_channels, out_channels, kernel, options, bias, rng))
     }

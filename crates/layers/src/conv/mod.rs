@@ -203,10 +203,13 @@ fn check<T>(
     })
 }
 
-/// Whether an array of `T` of this shape can exist: its element count and bytes fit in `isize`.
+/// Whether an array of `T` of this shape can exist: the product of its non-zero sizes, in
+/// elements and in bytes, fits in `isize` (`ndarray` checks the non-zero sizes even when another
+/// is 0).
 fn fits<T>(shape: &[usize]) -> bool {
     shape
         .iter()
+        .filter(|&&size| size != 0)
         .try_fold(std::mem::size_of::<T>(), |bytes, &size| bytes.checked_mul(size))
         .is_some_and(|bytes| bytes <= isize::MAX as usize)
 }

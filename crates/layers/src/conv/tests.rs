@@ -369,3 +369,16 @@ fn empty_inputs_give_empty_or_bias_only_results() {
         }
     }
 }
+
+#[test]
+fn a_layer_too_large_to_exist_is_an_error() {
+    let mut rng = StdRng::seed_from_u64(0);
+    let options = Conv2dOptions::default();
+    // No channels, but kernel sizes whose product overflows: ndarray would panic.
+    let error = Conv2d::<f32>::with_options(0, 1, [usize::MAX, 2], options, false, &mut rng).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "Conv2d: shape [1, 0, 18446744073709551615, 2] is larger than an array can be"
+    );
+    assert!(Conv2d::<f32>::with_options(0, 1, [3, 3], options, false, &mut rng).is_ok());
+}
