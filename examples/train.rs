@@ -11,7 +11,7 @@
 //! writes to the output folder: `accuracy.png` and `accuracy.svg` (test accuracy against steps,
 //! a panel per model) and `summary.json`.
 
-// Each step allocates and frees arrays; mimalloc reuses them (see examples/bench.rs).
+// Each step allocates and frees arrays; mimalloc reuses them (see examples/bench/main.rs).
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -1,7 +1,8 @@
 //! Reading and checking golden results made with PyTorch (the format of the files in
 //! `tests/data/`, described in its README): every case is recomputed with this project's code in
 //! `f32` or `f64` and compared with the file. The kinds are BatchNorm's `train` and `sequence`
-//! ([`batch_norm`]) and `conv2d`, `max_pool2d` and `avg_pool2d` ([`conv`]).
+//! ([`TrainCase`], [`SequenceCase`]) and `conv2d`, `max_pool2d` and `avg_pool2d` ([`ConvCase`],
+//! [`PoolCase`]).
 //!
 //! Each comparison is a relative error: the largest absolute difference divided by the largest
 //! absolute reference value (the absolute difference where the reference is all zeros).
@@ -331,8 +332,10 @@ pub fn relative_error<T: Element>(ours: &ArrayD<T>, reference: &Tensor) -> f64 {
     }
 }
 
-/// Recomputes a case in `T` and compares every result: see [`batch_norm`] and [`conv`] for what
-/// each kind runs.
+/// Recomputes a case in `T` and compares every result. BatchNorm's training calls run through the
+/// functional API (results prefixed `fn.`) and through the layer on a tape; sequences through the
+/// layer; convolutions and poolings through the fused node and through its composition from tape
+/// primitives (results prefixed `composed.`).
 ///
 /// # Errors
 /// [`GoldenError::Layer`] when this project rejects the case's inputs.

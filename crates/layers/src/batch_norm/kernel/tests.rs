@@ -178,7 +178,7 @@ fn results_are_bit_identical_on_any_number_of_threads() {
                 .unwrap();
             pool.install(run)
         };
-        // The calling thread as one of the pool's threads (as `examples/bench.rs` runs): parallel
+        // The calling thread as one of the pool's threads (as `examples/bench` runs): parallel
         // loops start on it instead of on a worker. A thread of its own, since a thread joins at
         // most one pool.
         let caller_in_pool = || {
