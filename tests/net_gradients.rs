@@ -1,10 +1,15 @@
 //! A whole small net (Linear → BatchNorm → sigmoid → Linear → tanh → Linear, then the fused
 //! softmax cross-entropy) checked end to end: the gradient of every parameter, as collected by
 //! the layers, against central differences of the loss; and the input gradient through the
-//! gradient checker.
+//! gradient checker. Then a small conv net of fused nodes (conv2d → BatchNorm2d → ReLU →
+//! max_pool2d → strided grouped conv2d → avg_pool2d → flatten → matmul), every input and
+//! parameter through the gradient checker.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use layers::{Activation, BatchNorm, Linear, Mode, Module, Sequential, softmax_cross_entropy};
+use layers::{
+    Activation, BatchNorm, Conv2dOptions, Linear, Mode, Module, Sequential, Window2d, avg_pool2d, batch_norm,
+    conv2d, max_pool2d, softmax_cross_entropy,
+};
 use ndarray::{Array2, ArrayD};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -91,6 +96,49 @@ fn the_input_gradient_passes_the_gradient_checker() {
         &[input().into_dyn()],
     )
     .unwrap();
+}
+
+#[test]
+fn a_conv_net_of_fused_nodes_passes_the_gradient_checker() {
+    let value = |seed: usize| move |i: usize| (((i * 7919 + seed * 104_729) % 1009) as f64 / 504.5) - 1.0;
+    let array = |shape: &[usize], seed: usize| {
+        let values = value(seed);
+        let mut i = 0;
+        ArrayD::from_shape_simple_fn(shape.to_vec(), || {
+            i += 1;
+            values(i)
+        })
+    };
+    let inputs = [
+        array(&[3, 2, 8, 8], 1),                // x
+        array(&[4, 2, 3, 3], 2),                // conv 1 weight
+        array(&[4], 3),                         // conv 1 bias
+        array(&[4], 4).mapv(|g| 1.0 + 0.5 * g), // BatchNorm gamma
+        array(&[4], 5),                         // BatchNorm beta
+        array(&[6, 2, 2, 2], 6),                // conv 2 weight, 2 groups
+        array(&[6, 3], 7),                      // classifier
+    ];
+    let report = check_gradients(
+        |_, v| {
+            let same = Conv2dOptions::default().with_padding([1, 1]);
+            let y = conv2d(v[0], v[1], Some(v[2]), same)?;
+            let y = batch_norm(y, v[3], v[4], 1e-5)?.relu();
+            let y = max_pool2d(y, Window2d::new([2, 2]).with_stride([2, 2]))?;
+            let strided = Conv2dOptions::default().with_stride([2, 2]).with_groups(2);
+            let y = conv2d(y, v[5], None, strided)?.tanh();
+            // (N, 6, 2, 2) to (N, 6, 1, 1), the padding counted.
+            let y = avg_pool2d(y, Window2d::new([3, 3]).with_stride([2, 2]).with_padding([1, 1]))?;
+            y.flatten()?.matmul(v[6])
+        },
+        &inputs,
+    )
+    .unwrap();
+    // Every element of every input was checked, well within the tolerance.
+    assert_eq!(report.checked, inputs.iter().map(ArrayD::len).sum::<usize>());
+    assert!(
+        report.inputs.iter().all(|input| input.worst_ratio < 0.5),
+        "{report}"
+    );
 }
 
 /// `Sequential` holds boxed layers and is not `Clone`; rebuild the same net and copy the

@@ -75,7 +75,7 @@ impl PoolNode {
                     // The first maximum, or the first NaN: as the composed `max_axis`. Which tap
                     // wins is data, unpredictable, so the loop selects by masks and `max`, never
                     // branches: `best_value` is the maximum of the numbers, `nan` whether a NaN
-                    // came (`best` is then the first one).
+                    // came (`best` is then the first one). The output is the value at `best`.
                     let first = value(window[0], T::neg_infinity());
                     let (mut best, mut best_value, mut nan) = (window[0], first, first.is_nan());
                     for &tap in &window[1..] {
@@ -86,7 +86,7 @@ impl PoolNode {
                         best_value = best_value.max(v);
                     }
                     argmax.push(best);
-                    out.write(if nan { value(best, T::nan()) } else { best_value });
+                    out.write(value(best, T::neg_infinity()));
                 }
             }
             Kind::Avg => {
