@@ -321,6 +321,18 @@ pub(crate) mod testing {
     pub fn channel(c: usize, mean: f64, seed: u64) -> Array1<f64> {
         normal(&[c], mean, 1.0, seed).into_iter().collect()
     }
+
+    /// `run` on a pool of 1, then 2, then 3 threads: the results in that order.
+    pub fn on_1_2_3_threads<R: Send>(run: impl Fn() -> R + Send + Sync) -> Vec<R> {
+        [1, 2, 3]
+            .into_iter()
+            .map(|threads| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+                pool.unwrap_or_else(|e| panic!("a pool of {threads} threads: {e}"))
+                    .install(&run)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -75,18 +75,10 @@ impl<T: Element> Conv2d<T> {
         rng: &mut impl Rng,
     ) -> Result<Self> {
         let groups = options.groups;
-        if groups == 0 {
-            return Err(Error::InvalidSetting {
-                name: "groups",
-                expected: "at least 1",
-                got: 0.0,
-            });
-        }
-        for (channels, of) in [(in_channels, "input channels"), (out_channels, "output channels")] {
-            if channels % groups != 0 {
-                return Err(Error::Groups { groups, channels, of });
-            }
-        }
+        super::check_groups(
+            groups,
+            &[(in_channels, "input channels"), (out_channels, "output channels")],
+        )?;
         let shape = [out_channels, in_channels / groups, kernel[0], kernel[1]];
         if !super::fits::<T>(&shape) {
             return Err(Error::Tape(tape::TapeError::TooLarge {

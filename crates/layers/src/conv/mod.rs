@@ -133,20 +133,7 @@ fn check<T>(
         });
     };
     let groups = options.groups;
-    if groups == 0 {
-        return Err(Error::InvalidSetting {
-            name: "groups",
-            expected: "at least 1",
-            got: 0.0,
-        });
-    }
-    if c_in % groups != 0 {
-        return Err(Error::Groups {
-            groups,
-            channels: c_in,
-            of: "input channels of x",
-        });
-    }
+    check_groups(groups, &[(c_in, "input channels of x")])?;
     let &[c_out, c_per_group, kh, kw] = weight else {
         return Err(Error::Shape {
             name: "weight",
@@ -164,13 +151,7 @@ fn check<T>(
             ),
         });
     }
-    if c_out % groups != 0 {
-        return Err(Error::Groups {
-            groups,
-            channels: c_out,
-            of: "output channels of weight (its axis 0)",
-        });
-    }
+    check_groups(groups, &[(c_out, "output channels of weight (its axis 0)")])?;
     if let Some(bias) = bias.filter(|bias| *bias != [c_out]) {
         return Err(Error::Shape {
             name: "bias",
@@ -201,6 +182,21 @@ fn check<T>(
         window,
         output,
     })
+}
+
+/// Checks that `groups` is at least 1 and divides each channel count (given with whose it is).
+fn check_groups(groups: usize, channels: &[(usize, &'static str)]) -> Result<()> {
+    if groups == 0 {
+        return Err(Error::InvalidSetting {
+            name: "groups",
+            expected: "at least 1",
+            got: 0.0,
+        });
+    }
+    match channels.iter().find(|(count, _)| count % groups != 0) {
+        Some(&(channels, of)) => Err(Error::Groups { groups, channels, of }),
+        None => Ok(()),
+    }
 }
 
 /// Whether an array of `T` of this shape can exist: the product of its non-zero sizes, in

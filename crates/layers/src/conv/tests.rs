@@ -4,7 +4,7 @@ use rand::rngs::StdRng;
 use tape::{GradCheck, Tape, check_gradients};
 
 use super::*;
-use crate::batch_norm::testing::normal;
+use crate::batch_norm::testing::{normal, on_1_2_3_threads};
 use crate::{Mode, Module};
 
 /// Fused and composed results (output, dx, dweight, dbias) for one case, in f64.
@@ -216,16 +216,7 @@ fn results_are_bit_identical_on_any_number_of_threads() {
             grads.wrt(bv).unwrap().clone(),
         ]
     };
-    let results: Vec<_> = [1, 2, 3]
-        .into_iter()
-        .map(|threads| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(run)
-        })
-        .collect();
+    let results = on_1_2_3_threads(run);
     assert_eq!(results[0], results[1]);
     assert_eq!(results[0], results[2]);
 }

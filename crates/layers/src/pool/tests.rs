@@ -2,7 +2,7 @@ use ndarray::{ArrayD, array};
 use tape::{GradCheck, Tape, check_gradients};
 
 use super::*;
-use crate::batch_norm::testing::normal;
+use crate::batch_norm::testing::{normal, on_1_2_3_threads};
 use crate::{Mode, Module};
 
 type Pool = for<'t> fn(Var<'t, f64>, Window2d) -> Result<Var<'t, f64>>;
@@ -175,16 +175,7 @@ fn results_are_bit_identical_on_any_number_of_threads() {
             let grads = y.backward_with(dout.clone()).unwrap();
             [y.value().as_ref().clone(), grads.wrt(xv).unwrap().clone()]
         };
-        let results: Vec<_> = [1, 2, 3]
-            .into_iter()
-            .map(|threads| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-                    .install(run)
-            })
-            .collect();
+        let results = on_1_2_3_threads(run);
         assert_eq!(results[0], results[1]);
         assert_eq!(results[0], results[2]);
     }
