@@ -136,7 +136,8 @@ proptest! {
                 for value in state.values_mut() {
                     value.iter_mut().zip(values.iter().cycle()).for_each(|(v, &new)| *v = new);
                 }
-                let _ = layer.load_state_dict(&state);
+                let _ = layer.load_state_dict(&state, true);
+                let _ = layer.load_state_dict(&state, false);
                 layer.running_var = gamma.clone();
                 let _ = layer.forward(tape.var(x.clone()), Mode::Eval);
             }

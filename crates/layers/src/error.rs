@@ -123,6 +123,24 @@ pub enum Error {
         /// Every key the layer expects.
         expected: Vec<String>,
     },
+    /// A state dictionary has a key the layer does not (a strict load).
+    #[error("state dict has {key:?}, which the layer does not have; expected keys {expected:?}")]
+    UnexpectedKey {
+        /// The unexpected key.
+        key: String,
+        /// Every key the layer expects.
+        expected: Vec<String>,
+    },
+    /// A state dictionary's array has another shape than the layer's.
+    #[error("state dict's {key:?} has shape {got:?}, expected {expected:?}")]
+    StateShape {
+        /// The key.
+        key: String,
+        /// The layer's shape for it.
+        expected: Vec<usize>,
+        /// The shape in the dict.
+        got: Vec<usize>,
+    },
     /// An error from the tape (a shape error of a primitive, a `Var` of another tape, ...).
     #[error(transparent)]
     Tape(#[from] TapeError),

@@ -68,11 +68,11 @@ pub use dropout::{Dropout, dropout, dropout_composed};
 pub use flatten::Flatten;
 pub use linear::Linear;
 pub use loss::{accuracy, softmax_cross_entropy, softmax_cross_entropy_composed};
-pub use module::{Mode, Module, Sequential};
+pub use module::{Mode, Module, Sequential, StateDict};
 pub use optim::{Adam, Optimizer, Sgd};
 
 pub use batch_norm::{
-    BatchNorm, BatchNormCache, BatchNormGrads, BatchNormNode, StateDict, batch_norm, batch_norm_composed,
+    BatchNorm, BatchNormCache, BatchNormGrads, BatchNormNode, batch_norm, batch_norm_composed,
     batchnorm_backward, batchnorm_forward,
 };
 pub use error::{Error, Result};

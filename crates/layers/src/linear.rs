@@ -5,7 +5,7 @@ use rand::Rng;
 use tape::{Element, Var};
 
 use crate::error::{Error, Result};
-use crate::module::{Mode, Module};
+use crate::module::{Mode, Module, StateDict, load_parameters, parameter_state};
 use crate::param::Parameter;
 
 /// `y = x · Wᵀ + b`, with `W` of shape `(out_features, in_features)` as in PyTorch.
@@ -114,6 +114,19 @@ impl<T: Element> Module<T> for Linear<T> {
 
     fn parameters(&self) -> Vec<&Parameter<T>> {
         vec![&self.weight, &self.bias]
+    }
+
+    /// `weight` `(out_features, in_features)` and `bias`, as PyTorch's `nn.Linear`.
+    fn state_dict(&self) -> StateDict<T> {
+        parameter_state(&[("weight", &self.weight), ("bias", &self.bias)])
+    }
+
+    fn load_state_dict(&mut self, dict: &StateDict<T>, strict: bool) -> Result<()> {
+        load_parameters(
+            vec![("weight", &mut self.weight), ("bias", &mut self.bias)],
+            dict,
+            strict,
+        )
     }
 
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<T>> {

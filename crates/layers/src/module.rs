@@ -1,9 +1,81 @@
-//! What every layer is ([`Module`]) and a way to stack them ([`Sequential`]).
+//! What every layer is ([`Module`]), its state under PyTorch's names ([`StateDict`]), and a way
+//! to stack layers ([`Sequential`]).
 
+use std::collections::BTreeMap;
+
+use ndarray::ArrayD;
 use tape::{Element, Var};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::param::Parameter;
+
+/// A name → array map under PyTorch's `state_dict` names: `weight`, `bias`, `running_mean`,
+/// `running_var`, `num_batches_tracked` (a rank-0 array), and in a [`Sequential`] each child's
+/// keys behind its index (`0.weight`, `1.running_mean`).
+pub type StateDict<T> = BTreeMap<String, ArrayD<T>>;
+
+/// The state of a layer whose state is its parameters, under these names.
+pub(crate) fn parameter_state<T: Element>(named: &[(&str, &Parameter<T>)]) -> StateDict<T> {
+    named
+        .iter()
+        .map(|(name, parameter)| (name.to_string(), parameter.value.clone()))
+        .collect()
+}
+
+/// Loads the parameters named so from `dict`, all checked first.
+pub(crate) fn load_parameters<T: Element>(
+    named: Vec<(&str, &mut Parameter<T>)>,
+    dict: &StateDict<T>,
+    strict: bool,
+) -> Result<()> {
+    let expected: StateDict<T> = named
+        .iter()
+        .map(|(name, parameter)| (name.to_string(), parameter.value.clone()))
+        .collect();
+    check_state_dict(&expected, dict, strict)?;
+    for (name, parameter) in named {
+        parameter.value = dict[name].clone();
+    }
+    Ok(())
+}
+
+/// Checks `dict` against a layer's own state `expected`: every expected key present with the
+/// expected shape, and with `strict`, no other key.
+///
+/// # Errors
+/// [`Error::MissingKey`], [`Error::StateShape`], or [`Error::UnexpectedKey`] (strict).
+pub(crate) fn check_state_dict<T: Element>(
+    expected: &StateDict<T>,
+    dict: &StateDict<T>,
+    strict: bool,
+) -> Result<()> {
+    let keys = || expected.keys().cloned().collect::<Vec<_>>();
+    for (key, value) in expected {
+        match dict.get(key) {
+            None => {
+                return Err(Error::MissingKey {
+                    key: key.clone(),
+                    expected: keys(),
+                });
+            }
+            Some(got) if got.shape() != value.shape() => {
+                return Err(Error::StateShape {
+                    key: key.clone(),
+                    expected: value.shape().to_vec(),
+                    got: got.shape().to_vec(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    match dict.keys().find(|key| strict && !expected.contains_key(*key)) {
+        Some(key) => Err(Error::UnexpectedKey {
+            key: key.clone(),
+            expected: keys(),
+        }),
+        None => Ok(()),
+    }
+}
 
 /// Whether a layer runs for training or for evaluation. Passed to every forward call: there is
 /// no global flag to forget to flip.
@@ -34,6 +106,35 @@ pub trait Module<T: Element> {
 
     /// A short description for summaries, such as `Linear(64 -> 100)`.
     fn describe(&self) -> String;
+
+    /// The layer's parameters and buffers under PyTorch's names (none for a layer without
+    /// state), copied.
+    fn state_dict(&self) -> StateDict<T> {
+        StateDict::new()
+    }
+
+    /// Loads a state under the names [`state_dict`](Module::state_dict) gives, of the same
+    /// shapes: PyTorch's own `state_dict()` of the same layer loads as it is. With `strict`, a
+    /// key the layer does not have is an error; without, it is ignored.
+    ///
+    /// Everything is checked ([`check_state_dict`](Module::check_state_dict)) before anything
+    /// changes: on error the layer is as it was.
+    ///
+    /// # Errors
+    /// As [`check_state_dict`](Module::check_state_dict).
+    fn load_state_dict(&mut self, dict: &StateDict<T>, strict: bool) -> Result<()> {
+        self.check_state_dict(dict, strict)
+    }
+
+    /// Whether [`load_state_dict`](Module::load_state_dict) would take `dict`, changing nothing.
+    ///
+    /// # Errors
+    /// [`Error::MissingKey`], [`Error::StateShape`] naming the key, the shape expected and the
+    /// shape got, [`Error::UnexpectedKey`] (strict), or a layer's own check of a value (a
+    /// BatchNorm count that is not a whole number, say).
+    fn check_state_dict(&self, dict: &StateDict<T>, strict: bool) -> Result<()> {
+        check_state_dict(&self.state_dict(), dict, strict)
+    }
 }
 
 /// Layers applied one after the other.
@@ -117,4 +218,48 @@ impl<T: Element> Module<T> for Sequential<T> {
         let inner: Vec<String> = self.layers.iter().map(|layer| layer.describe()).collect();
         format!("Sequential[{}]", inner.join(", "))
     }
+
+    /// Each child's state with its index in front, as PyTorch's `nn.Sequential`: `0.weight`,
+    /// `1.running_mean`, ...
+    fn state_dict(&self) -> StateDict<T> {
+        let mut dict = StateDict::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            dict.extend(
+                layer
+                    .state_dict()
+                    .into_iter()
+                    .map(|(key, value)| (format!("{i}.{key}"), value)),
+            );
+        }
+        dict
+    }
+
+    /// Checks the whole dict against every child first, then loads each child's share.
+    fn load_state_dict(&mut self, dict: &StateDict<T>, strict: bool) -> Result<()> {
+        self.check_state_dict(dict, strict)?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.load_state_dict(&share(dict, i), false)?;
+        }
+        Ok(())
+    }
+
+    fn check_state_dict(&self, dict: &StateDict<T>, strict: bool) -> Result<()> {
+        check_state_dict(&self.state_dict(), dict, strict)?;
+        // Each child's own checks of its values.
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.check_state_dict(&share(dict, i), false)?;
+        }
+        Ok(())
+    }
+}
+
+/// The keys of child `i` in a [`Sequential`]'s dict, without their `i.` prefix.
+fn share<T: Element>(dict: &StateDict<T>, i: usize) -> StateDict<T> {
+    let prefix = format!("{i}.");
+    dict.iter()
+        .filter_map(|(key, value)| {
+            key.strip_prefix(&prefix)
+                .map(|key| (key.to_string(), value.clone()))
+        })
+        .collect()
 }

@@ -1,21 +1,15 @@
 //! The BatchNorm layer: parameters, running statistics, explicit training and evaluation modes,
 //! and PyTorch-compatible state.
 
-use std::collections::BTreeMap;
-
-use ndarray::{Array1, ArrayD};
+use ndarray::Array1;
 use tape::{Element, Var};
 
 use super::kernel::{self, Dims};
 use super::node::BatchNormNode;
 use super::{check_batch, check_channels, dims_of, row_major, to_f64};
 use crate::error::{Error, Result, check_non_negative};
-use crate::module::{Mode, Module};
+use crate::module::{Mode, Module, StateDict, check_state_dict};
 use crate::param::Parameter;
-
-/// A name → array map with PyTorch's `state_dict` keys (`weight`, `bias`, `running_mean`,
-/// `running_var`, `num_batches_tracked`).
-pub type StateDict<T> = BTreeMap<String, ArrayD<T>>;
 
 /// Batch Normalization over the channel axis (axis 1) of `(N, C)` or `(N, C, *spatial)` input:
 /// one layer for what PyTorch splits into `BatchNorm1d/2d/3d`, with their names and semantics.
@@ -245,75 +239,21 @@ impl<T: Element> BatchNorm<T> {
         }
     }
 
-    /// The state under PyTorch's keys: `weight` and `bias` when `affine`; `running_mean`,
-    /// `running_var` and `num_batches_tracked` (a rank-0 array, exact up to 2²⁴ in `f32`) when
-    /// tracking running statistics.
-    pub fn state_dict(&self) -> StateDict<T> {
-        let mut state = StateDict::new();
-        if self.affine {
-            state.insert("weight".into(), self.weight.value.clone());
-            state.insert("bias".into(), self.bias.value.clone());
-        }
-        if self.track_running_stats {
-            state.insert("running_mean".into(), self.running_mean.clone().into_dyn());
-            state.insert("running_var".into(), self.running_var.clone().into_dyn());
-            let count = T::from_f64_lossy(self.num_batches_tracked as f64);
-            state.insert("num_batches_tracked".into(), ndarray::arr0(count).into_dyn());
-        }
-        state
-    }
-
-    /// Loads a state saved by [`state_dict`](BatchNorm::state_dict) (or exported from PyTorch
-    /// under the same keys). Keys the layer does not use are ignored.
-    ///
-    /// # Errors
-    /// [`Error::MissingKey`] when a key the layer needs is absent, [`Error::Length`] or
-    /// [`Error::Shape`] when an array does not have `num_features` elements. Nothing is changed
-    /// on error.
-    pub fn load_state_dict(&mut self, state: &StateDict<T>) -> Result<()> {
-        let expected: Vec<String> = self.state_dict().into_keys().collect();
-        let get = |key: &'static str| -> Result<&ArrayD<T>> {
-            state.get(key).ok_or_else(|| Error::MissingKey {
-                key: key.into(),
-                expected: expected.clone(),
-            })
+    /// The batch count in a state dict, checked: a whole number that fits the `u64` count.
+    fn count_in(dict: &StateDict<T>) -> Result<Option<u64>> {
+        let Some(count) = dict.get("num_batches_tracked") else {
+            return Ok(None);
         };
-        let channels = |key: &'static str| -> Result<Array1<T>> {
-            let array = get(key)?;
-            check_channels(key, array.shape(), self.num_features)?;
-            Ok(array.iter().copied().collect())
-        };
-        let mut loaded = self.clone();
-        if self.affine {
-            loaded.weight.value = channels("weight")?.into_dyn();
-            loaded.bias.value = channels("bias")?.into_dyn();
+        let value = count.iter().next().map_or(0.0, |c| c.as_f64());
+        // 2⁶⁴ and more do not fit the u64 count (`as` would saturate them silently).
+        if !(value >= 0.0 && value.fract() == 0.0 && value < 18_446_744_073_709_551_616.0) {
+            return Err(Error::InvalidSetting {
+                name: "num_batches_tracked",
+                expected: "a whole number in [0, 2^64)",
+                got: value,
+            });
         }
-        if self.track_running_stats {
-            loaded.running_mean = channels("running_mean")?;
-            loaded.running_var = channels("running_var")?;
-            let count = get("num_batches_tracked")?;
-            let value = match count.shape() {
-                [] | [1] => count.iter().next().map_or(0.0, |c| c.as_f64()),
-                other => {
-                    return Err(Error::Shape {
-                        name: "num_batches_tracked",
-                        got: other.to_vec(),
-                        expected: "[] (a single count)".into(),
-                    });
-                }
-            };
-            // 2⁶⁴ and more do not fit the u64 count (`as` would saturate them silently).
-            if !(value >= 0.0 && value.fract() == 0.0 && value < 18_446_744_073_709_551_616.0) {
-                return Err(Error::InvalidSetting {
-                    name: "num_batches_tracked",
-                    expected: "a whole number in [0, 2^64)",
-                    got: value,
-                });
-            }
-            loaded.num_batches_tracked = value as u64;
-        }
-        *self = loaded;
-        Ok(())
+        Ok(Some(value as u64))
     }
 }
 
@@ -329,6 +269,47 @@ impl<T: Element> Module<T> for BatchNorm<T> {
     }
     fn describe(&self) -> String {
         format!("BatchNorm({})", self.num_features())
+    }
+
+    /// The state under PyTorch's keys: `weight` and `bias` when `affine`; `running_mean`,
+    /// `running_var` and `num_batches_tracked` (a rank-0 array, exact up to 2²⁴ in `f32`) when
+    /// tracking running statistics.
+    fn state_dict(&self) -> StateDict<T> {
+        let mut state = StateDict::new();
+        if self.affine {
+            state.insert("weight".into(), self.weight.value.clone());
+            state.insert("bias".into(), self.bias.value.clone());
+        }
+        if self.track_running_stats {
+            state.insert("running_mean".into(), self.running_mean.clone().into_dyn());
+            state.insert("running_var".into(), self.running_var.clone().into_dyn());
+            let count = T::from_f64_lossy(self.num_batches_tracked as f64);
+            state.insert("num_batches_tracked".into(), ndarray::arr0(count).into_dyn());
+        }
+        state
+    }
+
+    fn load_state_dict(&mut self, dict: &StateDict<T>, strict: bool) -> Result<()> {
+        self.check_state_dict(dict, strict)?;
+        let vector = |key: &str| dict[key].iter().copied().collect::<Array1<T>>();
+        if self.affine {
+            self.weight.value = dict["weight"].clone();
+            self.bias.value = dict["bias"].clone();
+        }
+        if self.track_running_stats {
+            self.running_mean = vector("running_mean");
+            self.running_var = vector("running_var");
+            self.num_batches_tracked = Self::count_in(dict)?.unwrap_or(0);
+        }
+        Ok(())
+    }
+
+    fn check_state_dict(&self, dict: &StateDict<T>, strict: bool) -> Result<()> {
+        check_state_dict(&self.state_dict(), dict, strict)?;
+        if self.track_running_stats {
+            Self::count_in(dict)?;
+        }
+        Ok(())
     }
 }
 

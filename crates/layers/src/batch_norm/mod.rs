@@ -76,7 +76,7 @@ use ndarray::{Array, Array1, ArrayD, ArrayRef, AsArray, Dimension, Ix1};
 use tape::Element;
 
 use self::kernel::{Dims, Saved};
-pub use self::layer::{BatchNorm, StateDict};
+pub use self::layer::BatchNorm;
 pub use self::node::{BatchNormNode, batch_norm, batch_norm_composed};
 use crate::error::{Error, Result, check_non_negative};
 

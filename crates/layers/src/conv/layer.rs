@@ -6,7 +6,7 @@ use tape::{Element, Var};
 
 use super::{Conv2dOptions, conv2d};
 use crate::error::{Error, Result};
-use crate::module::{Mode, Module};
+use crate::module::{Mode, Module, StateDict, load_parameters, parameter_state};
 use crate::param::Parameter;
 
 /// A 2-D convolution layer, as PyTorch's `nn.Conv2d`.
@@ -140,6 +140,28 @@ impl<T: Element> Module<T> for Conv2d<T> {
 
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<T>> {
         std::iter::once(&mut self.weight).chain(&mut self.bias).collect()
+    }
+
+    /// `weight` `(C_out, C_in / groups, kH, kW)` and, with a bias, `bias`, as PyTorch's
+    /// `nn.Conv2d`.
+    fn state_dict(&self) -> StateDict<T> {
+        let bias = self.bias.as_ref().map(|bias| ("bias", bias));
+        parameter_state(
+            &std::iter::once(("weight", &self.weight))
+                .chain(bias)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn load_state_dict(&mut self, dict: &StateDict<T>, strict: bool) -> Result<()> {
+        let bias = self.bias.as_mut().map(|bias| ("bias", bias));
+        load_parameters(
+            std::iter::once(("weight", &mut self.weight))
+                .chain(bias)
+                .collect(),
+            dict,
+            strict,
+        )
     }
 
     fn describe(&self) -> String {

@@ -1,4 +1,4 @@
-use ndarray::{Array2, Axis, array};
+use ndarray::{Array2, ArrayD, Axis, array};
 use tape::{Tape, check_gradients};
 
 use super::*;
@@ -174,23 +174,31 @@ fn state_round_trips_under_pytorchs_keys() {
         ]
     );
     let mut fresh = BatchNorm::<f32>::new(3);
-    fresh.load_state_dict(&state).unwrap();
+    fresh.load_state_dict(&state, true).unwrap();
     assert_eq!(fresh.state_dict(), state);
     assert_eq!(fresh.num_batches_tracked, 1);
 
     let mut broken = state.clone();
     broken.remove("running_var");
-    let error = fresh.load_state_dict(&broken).unwrap_err().to_string();
+    let error = fresh.load_state_dict(&broken, false).unwrap_err().to_string();
     assert!(
         error.starts_with("state dict has no \"running_var\"; expected keys"),
         "{error}"
     );
     broken.insert("running_var".into(), ArrayD::ones(vec![4]));
     assert_eq!(
-        fresh.load_state_dict(&broken).unwrap_err().to_string(),
-        "running_var has 4 elements, expected 3 (channels of x)"
+        fresh.load_state_dict(&broken, false).unwrap_err().to_string(),
+        "state dict's \"running_var\" has shape [4], expected [3]"
+    );
+    let mut extra = state.clone();
+    extra.insert("momentum".into(), ArrayD::ones(vec![]));
+    assert_eq!(
+        fresh.load_state_dict(&extra, true).unwrap_err().to_string(),
+        "state dict has \"momentum\", which the layer does not have; expected keys [\"bias\", \
+         \"num_batches_tracked\", \"running_mean\", \"running_var\", \"weight\"]"
     );
     assert_eq!(fresh.state_dict(), state, "a failed load changes nothing");
+    fresh.load_state_dict(&extra, false).unwrap();
 }
 
 #[test]
@@ -207,7 +215,7 @@ fn a_batch_count_beyond_u64_is_an_error_not_a_saturated_count() {
         f64::NAN,
     ] {
         state.insert("num_batches_tracked".into(), ndarray::arr0(count).into_dyn());
-        let error = bn.load_state_dict(&state).unwrap_err();
+        let error = bn.load_state_dict(&state, true).unwrap_err();
         assert_eq!(
             error.to_string(),
             format!("num_batches_tracked must be a whole number in [0, 2^64), got {count}")
