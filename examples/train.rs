@@ -154,7 +154,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         Models::All => vec![Model::Mlp, Model::Cnn],
     };
     for &model in &models {
-        println!("{model}: {}", model.build(true, 0).describe());
+        println!("{model}: {}", model.build::<f32>(true, 0).describe());
     }
 
     let configs: Vec<RunConfig> = models

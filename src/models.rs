@@ -12,6 +12,7 @@ use layers::{Activation, BatchNorm, Conv2d, Conv2dOptions, Flatten, Linear, MaxP
 use ndarray::{Array2, ArrayD, IxDyn};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use tape::Element;
 
 use crate::digits::{CLASSES, FEATURES};
 
@@ -40,17 +41,23 @@ impl Model {
         }
     }
 
-    /// The net, initialised from `seed`.
-    pub fn build(self, batchnorm: bool, seed: u64) -> Sequential<f32> {
-        match self {
+    /// The net, initialised from `seed`, named by [`Model::arch`].
+    pub fn build<T: Element>(self, batchnorm: bool, seed: u64) -> Sequential<T> {
+        let net = match self {
             Model::Mlp => mlp(batchnorm, seed),
             Model::Cnn => cnn(batchnorm, seed),
-        }
+        };
+        net.with_arch(self.arch(batchnorm))
+    }
+
+    /// The architecture's name in model files: `"mlp"`, `"mlp-bn"`, `"cnn"` or `"cnn-bn"`.
+    pub fn arch(self, batchnorm: bool) -> String {
+        format!("{}{}", self.name(), if batchnorm { "-bn" } else { "" })
     }
 
     /// A batch of rows of 64 pixels as this net's input: the rows themselves for the MLP,
     /// `(N, 1, 8, 8)` images for the CNN.
-    pub fn input(self, rows: Array2<f32>) -> ArrayD<f32> {
+    pub fn input<T: Element>(self, rows: Array2<T>) -> ArrayD<T> {
         match self {
             Model::Mlp => rows.into_dyn(),
             Model::Cnn => {
@@ -72,7 +79,7 @@ impl fmt::Display for Model {
 }
 
 /// The MLP: `64 → (Linear → [BatchNorm] → Sigmoid) × 3 → Linear → 10`, initialised from `seed`.
-pub fn mlp(batchnorm: bool, seed: u64) -> Sequential<f32> {
+pub fn mlp<T: Element>(batchnorm: bool, seed: u64) -> Sequential<T> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut net = Sequential::new();
     let mut width = FEATURES;
@@ -88,7 +95,7 @@ pub fn mlp(batchnorm: bool, seed: u64) -> Sequential<f32> {
 }
 
 /// The CNN on `(N, 1, 8, 8)` images, initialised from `seed` as PyTorch initialises it.
-pub fn cnn(batchnorm: bool, seed: u64) -> Sequential<f32> {
+pub fn cnn<T: Element>(batchnorm: bool, seed: u64) -> Sequential<T> {
     let mut rng = StdRng::seed_from_u64(seed);
     let same = Conv2dOptions::default().with_padding([1, 1]);
     let mut net = Sequential::new();
@@ -116,8 +123,8 @@ mod tests {
 
     #[test]
     fn the_mlp_has_the_papers_shape() {
-        let plain = mlp(false, 0);
-        let with_bn = mlp(true, 0);
+        let plain = mlp::<f32>(false, 0);
+        let with_bn = mlp::<f32>(true, 0);
         assert_eq!(plain.layers().len(), 7);
         assert_eq!(with_bn.layers().len(), 10);
         assert_eq!(
@@ -129,17 +136,17 @@ mod tests {
 
     #[test]
     fn the_cnn_has_the_layers_of_the_main_job() {
-        let mut net = cnn(true, 0);
+        let mut net = cnn::<f32>(true, 0);
         assert_eq!(
             net.describe(),
             "Sequential[Conv2d(1 -> 16, 3x3, padding [1, 1]), BatchNorm(16), Relu, Conv2d(16 -> 32, \
              3x3, padding [1, 1]), BatchNorm(32), Relu, MaxPool2d(2x2), Flatten, Linear(512 -> 10)]"
         );
         let convs = 16 * 9 + 16 + 32 * 16 * 9 + 32;
-        assert_eq!(cnn(false, 0).parameter_count(), convs + 512 * 10 + 10);
+        assert_eq!(cnn::<f32>(false, 0).parameter_count(), convs + 512 * 10 + 10);
         assert_eq!(net.parameter_count(), convs + 512 * 10 + 10 + 2 * (16 + 32));
         let tape = Tape::new();
-        let x = Model::Cnn.input(Array2::zeros((5, 64)));
+        let x = Model::Cnn.input(Array2::<f32>::zeros((5, 64)));
         assert_eq!(x.shape(), &[5, 1, 8, 8]);
         let logits = net.forward(tape.constant(x), Mode::Train).unwrap();
         assert_eq!(logits.shape(), vec![5, 10]);

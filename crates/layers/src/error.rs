@@ -141,6 +141,22 @@ pub enum Error {
         /// The shape in the dict.
         got: Vec<usize>,
     },
+    /// A model file could not be read or written.
+    #[error("{path}: {reason}")]
+    File {
+        /// The path given.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A file's tensor is not of a float type where a float is expected.
+    #[error("tensor {key:?} is {got}, expected a float tensor (F32 or F64)")]
+    TensorDtype {
+        /// The tensor's name.
+        key: String,
+        /// Its type in the file.
+        got: String,
+    },
     /// An error from the tape (a shape error of a primitive, a `Var` of another tape, ...).
     #[error(transparent)]
     Tape(#[from] TapeError),

@@ -12,6 +12,9 @@
 //!   [`Flatten`].
 //! - For small nets: [`Linear`], [`Activation`], [`Sequential`] (all [`Module`]s), the fused
 //!   [`softmax_cross_entropy`] loss, and the [`Sgd`] and [`Adam`] optimizers.
+//! - State under PyTorch's names ([`Module::state_dict`], [`Module::load_state_dict`]) and
+//!   safetensors files ([`Sequential::save_safetensors`], [`files`]) that PyTorch reads and
+//!   writes.
 //!
 //! See the [`batch_norm`](mod@batch_norm), [`conv`], [`pool`] and [`dropout`](mod@dropout)
 //! modules for the derivations and the conventions.
@@ -53,6 +56,7 @@ pub mod batch_norm;
 pub mod conv;
 pub mod dropout;
 mod error;
+pub mod files;
 mod flatten;
 mod linear;
 mod loss;

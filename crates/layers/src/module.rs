@@ -164,6 +164,7 @@ pub trait Module<T: Element> {
 /// ```
 pub struct Sequential<T: Element> {
     layers: Vec<Box<dyn Module<T>>>,
+    arch: Option<String>,
 }
 
 impl<T: Element> Default for Sequential<T> {
@@ -175,7 +176,10 @@ impl<T: Element> Default for Sequential<T> {
 impl<T: Element> Sequential<T> {
     /// No layers yet.
     pub fn new() -> Self {
-        Sequential { layers: Vec::new() }
+        Sequential {
+            layers: Vec::new(),
+            arch: None,
+        }
     }
 
     /// Appends a layer.
@@ -193,6 +197,64 @@ impl<T: Element> Sequential<T> {
     /// Number of trainable scalars.
     pub fn parameter_count(&self) -> usize {
         self.parameters().iter().map(|p| p.len()).sum()
+    }
+
+    /// This net with a name for its architecture (`"cnn-bn"`, say), written into its files'
+    /// metadata as `"arch"`.
+    #[must_use]
+    pub fn with_arch(self, arch: impl Into<String>) -> Self {
+        Sequential {
+            arch: Some(arch.into()),
+            ..self
+        }
+    }
+
+    /// The architecture's name, if given.
+    pub fn arch(&self) -> Option<&str> {
+        self.arch.as_deref()
+    }
+
+    /// Saves the [`state_dict`](Module::state_dict) as a safetensors file, atomically, with
+    /// `{"arch": ...}` as metadata when the net has a name (see [`crate::files`]).
+    ///
+    /// # Errors
+    /// [`Error::File`] when the file cannot be written; the target is then unchanged.
+    ///
+    /// # Example
+    /// ```
+    /// use layers::prelude::*;
+    ///
+    /// let mut rng = StdRng::seed_from_u64(0);
+    /// let net = Sequential::<f32>::new().push(Linear::new(4, 2, &mut rng)).with_arch("tiny");
+    /// let path = std::env::temp_dir().join(format!("tiny-{}.safetensors", std::process::id()));
+    /// net.save_safetensors(&path)?;
+    /// let mut copy = Sequential::<f64>::new().push(Linear::new(4, 2, &mut rng));
+    /// assert_eq!(copy.load_safetensors(&path)?.get("arch").map(String::as_str), Some("tiny"));
+    /// assert_eq!(copy.state_dict()["0.weight"], net.state_dict()["0.weight"].mapv(f64::from));
+    /// # std::fs::remove_file(&path).unwrap();
+    /// # Ok::<(), layers::Error>(())
+    /// ```
+    pub fn save_safetensors(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let metadata = self
+            .arch
+            .iter()
+            .map(|arch| ("arch".to_string(), arch.clone()))
+            .collect();
+        crate::files::save_safetensors(&self.state_dict(), &metadata, path)
+    }
+
+    /// Loads a safetensors file strictly (every key, no other, every shape), converting its
+    /// floats to `T`; returns the file's metadata. Nothing changes on error.
+    ///
+    /// # Errors
+    /// As [`crate::files::load_safetensors`] and [`Module::load_state_dict`].
+    pub fn load_safetensors(
+        &mut self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<std::collections::HashMap<String, String>> {
+        let (dict, metadata) = crate::files::load_safetensors(path)?;
+        self.load_state_dict(&dict, true)?;
+        Ok(metadata)
     }
 }
 
