@@ -9,7 +9,8 @@
 //!
 //! Prints a progress bar per run, then a table (test accuracy, steps to 90%, wall time), and
 //! writes to the output folder: `accuracy.png` and `accuracy.svg` (test accuracy against steps,
-//! a panel per model) and `summary.json`.
+//! a panel per model), `summary.json`, and each trained net as
+//! `<model>[-bn]-lr<rate>.safetensors` (load it with `examples/predict`, or in PyTorch).
 
 // Each step allocates and frees arrays; mimalloc reuses them (see examples/bench/main.rs).
 #[cfg(not(feature = "system-alloc"))]
@@ -226,6 +227,13 @@ fn run(args: &Args) -> Result<(), Failure> {
     )
     .map_err(|e| format!("cannot write {}: {e}", summary.display()))?;
     println!("wrote {}, {} and {}", shown(&png), shown(&svg), shown(&summary));
+    let mut nets = Vec::new();
+    for result in &results {
+        let path = args.out.join(result.file_name());
+        result.save(&path)?;
+        nets.push(shown(&path));
+    }
+    println!("saved the trained nets: {}", nets.join(", "));
     Ok(())
 }
 

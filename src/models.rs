@@ -55,6 +55,18 @@ impl Model {
         format!("{}{}", self.name(), if batchnorm { "-bn" } else { "" })
     }
 
+    /// The model and whether it has BatchNorm, from an architecture's name ([`Model::arch`]).
+    pub fn from_arch(arch: &str) -> Option<(Model, bool)> {
+        let (name, batchnorm) = match arch.strip_suffix("-bn") {
+            Some(name) => (name, true),
+            None => (arch, false),
+        };
+        [Model::Mlp, Model::Cnn]
+            .into_iter()
+            .find(|model| model.name() == name)
+            .map(|model| (model, batchnorm))
+    }
+
     /// A batch of rows of 64 pixels as this net's input: the rows themselves for the MLP,
     /// `(N, 1, 8, 8)` images for the CNN.
     pub fn input<T: Element>(self, rows: Array2<T>) -> ArrayD<T> {
@@ -150,6 +162,17 @@ mod tests {
         assert_eq!(x.shape(), &[5, 1, 8, 8]);
         let logits = net.forward(tape.constant(x), Mode::Train).unwrap();
         assert_eq!(logits.shape(), vec![5, 10]);
+    }
+
+    #[test]
+    fn architecture_names_round_trip() {
+        for model in [Model::Mlp, Model::Cnn] {
+            for batchnorm in [false, true] {
+                assert_eq!(Model::from_arch(&model.arch(batchnorm)), Some((model, batchnorm)));
+            }
+        }
+        assert_eq!(Model::from_arch("rnn-bn"), None);
+        assert_eq!(Model::from_arch("cnn-"), None);
     }
 
     #[test]

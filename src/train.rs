@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use layers::{Mode, Module, Optimizer, Sequential, Sgd, accuracy, softmax_cross_entropy};
+use layers::{Mode, Module, Optimizer, Sequential, Sgd, StateDict, accuracy, softmax_cross_entropy};
 use ndarray::Axis;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -117,12 +117,32 @@ pub struct RunResult {
     pub diverged_at: Option<usize>,
     /// Wall time of the run in seconds.
     pub seconds: f64,
+    /// The trained net's state (its `state_dict`), as training left it.
+    pub state: StateDict<f32>,
 }
 
 impl RunResult {
     /// Test accuracy after the last step.
     pub fn final_test_accuracy(&self) -> f64 {
         self.curve.last().map_or(0.0, |&(_, accuracy)| accuracy)
+    }
+
+    /// The trained net's file name: `<model>[-bn]-lr<rate>.safetensors`.
+    pub fn file_name(&self) -> String {
+        let c = &self.config;
+        format!("{}-lr{}.safetensors", c.model.arch(c.batchnorm), c.learning_rate)
+    }
+
+    /// Saves the trained net as a safetensors file, its metadata naming the architecture and
+    /// the seed of the data split (`{"arch": "cnn-bn", "seed": "0"}`).
+    ///
+    /// # Errors
+    /// As [`layers::files::save_safetensors`].
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> layers::Result<()> {
+        let c = &self.config;
+        let metadata = [("arch", c.model.arch(c.batchnorm)), ("seed", c.seed.to_string())];
+        let metadata = metadata.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        layers::files::save_safetensors(&self.state, &metadata, path)
     }
 }
 
@@ -210,6 +230,7 @@ pub fn run(
         steps_to_90,
         diverged_at,
         seconds: start.elapsed().as_secs_f64(),
+        state: net.state_dict(),
     })
 }
 

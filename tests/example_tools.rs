@@ -205,3 +205,123 @@ fn bench_prints_a_json_line_per_case_of_each_op() {
         assert!(line["fused_us"].as_f64().unwrap() > 0.0);
     }
 }
+
+#[test]
+fn predict_reproduces_training_and_pytorchs_logits() {
+    let out = std::env::temp_dir().join(format!("bnorm-predict-{}", std::process::id()));
+    let out_flag = out.to_str().unwrap();
+    let train = run(
+        "train",
+        &[
+            "--model",
+            "cnn",
+            "--steps",
+            "30",
+            "--eval-every",
+            "10",
+            "--out",
+            out_flag,
+        ],
+    );
+    assert!(
+        train.status.success(),
+        "{}",
+        String::from_utf8_lossy(&train.stderr)
+    );
+    assert!(String::from_utf8_lossy(&train.stdout).contains("saved the trained nets: "));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for run_summary in summary["runs"].as_array().unwrap() {
+        let arch = if run_summary["batchnorm"].as_bool().unwrap() {
+            "cnn-bn"
+        } else {
+            "cnn"
+        };
+        let rate = run_summary["learning_rate"].as_f64().unwrap();
+        let file = out.join(format!("{arch}-lr{rate}.safetensors"));
+        let predict = run("predict", &["--model", file.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&predict.stdout);
+        let reported = 100.0 * run_summary["final_test_accuracy"].as_f64().unwrap();
+        assert!(
+            stdout.contains(&format!("accuracy {reported:.1}%")),
+            "{file:?}: {stdout}"
+        );
+    }
+
+    // PyTorch's file as it is, with the architecture given.
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/");
+    let logits = out.join("logits.json");
+    let predict = run(
+        "predict",
+        &[
+            "--model",
+            &format!("{data}pytorch_cnn_bn.safetensors"),
+            "--arch",
+            "cnn-bn",
+            "--input",
+            &format!("{data}pytorch_cnn_bn_io.json"),
+            "--logits",
+            logits.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        predict.status.success(),
+        "{}",
+        String::from_utf8_lossy(&predict.stderr)
+    );
+    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&logits).unwrap()).unwrap();
+    let io: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{data}pytorch_cnn_bn_io.json")).unwrap())
+            .unwrap();
+    assert_eq!(ours["logits"]["shape"], io["logits_f32"]["shape"]);
+    let values = |v: &serde_json::Value| -> Vec<f64> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let error = values(&ours["logits"])
+        .iter()
+        .zip(values(&io["logits_f32"]))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(error <= 1e-5, "{error:e}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn predict_names_what_is_wrong_and_exits_with_2() {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/");
+    let cnn = format!("{data}pytorch_cnn_bn.safetensors");
+    let assert_fails = |args: &[&str], message: &str| {
+        let output = run("predict", args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    };
+    assert_fails(
+        &["--model", &cnn],
+        "records no architecture (PyTorch's files do not); give --arch",
+    );
+    assert_fails(
+        &["--model", &cnn, "--arch", "mlp"],
+        "does not fit the mlp architecture: state dict's \"0.bias\" has shape [16], expected [100]",
+    );
+    assert_fails(&["--model", "no/such/file"], "--model no/such/file: No such file");
+    assert_fails(&["--model", data], "--model");
+    let golden = format!("{data}pytorch_batchnorm.json");
+    assert_fails(
+        &["--model", &cnn, "--arch", "cnn-bn", "--input", &golden],
+        "expected {\"x\"",
+    );
+    let mlp_input = format!("{data}pytorch_mlp_bn_io.json");
+    // Rows of 64 pixels are reshaped to images; the MLP's file's inputs then fit the CNN.
+    let output = run(
+        "predict",
+        &["--model", &cnn, "--arch", "cnn-bn", "--input", &mlp_input],
+    );
+    assert!(output.status.success());
+}

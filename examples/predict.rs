@@ -1,0 +1,185 @@
+//! Evaluates a saved net: one that `train` saved, or one trained in PyTorch and saved with
+//! `safetensors.torch.save_file` under the main job's architecture.
+//!
+//! ```sh
+//! cargo run --release --example predict -- --model out/cnn-bn-lr0.05.safetensors
+//! cargo run --release --example predict -- --model tests/data/pytorch_mlp_bn.safetensors --arch mlp-bn \
+//!     --input tests/data/pytorch_mlp_bn_io.json --logits logits.json
+//! ```
+//!
+//! Without `--input` it evaluates the digits test split (the split of the seed the file records,
+//! as training made it) and prints the accuracy, the one training reported for that net. With
+//! `--input` (`{"x": {"shape": [N, 64] or [N, 1, 8, 8], "data": [...]}}`, the golden files'
+//! format) it computes the evaluation-mode logits; `--logits FILE` writes them as
+//! `{"logits": {"shape", "data"}}`. A bad path, architecture or shape is one line on stderr and
+//! exit code 2.
+
+#[cfg(not(feature = "system-alloc"))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bnorm::digits::{self, Standardizer};
+use bnorm::layers::{Mode, Module, Sequential, accuracy, files};
+use bnorm::models::Model;
+use bnorm::tape::Tape;
+use clap::{Parser, ValueEnum};
+use ndarray::{ArrayD, Axis};
+use serde_json::{Value, json};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Arch {
+    Mlp,
+    MlpBn,
+    Cnn,
+    CnnBn,
+}
+
+/// Evaluate a saved net (ours or PyTorch's) on the digits test split or on given inputs.
+#[derive(Parser, Debug)]
+struct Args {
+    /// The model file (safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// The architecture [default: the file's metadata; PyTorch's files have none].
+    #[arg(long, value_enum)]
+    arch: Option<Arch>,
+    /// Inputs as JSON, {"x": {"shape", "data"}} [default: the digits test split].
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Write the logits here as JSON, {"logits": {"shape", "data"}}.
+    #[arg(long)]
+    logits: Option<PathBuf>,
+    /// Seed of the digits split [default: the file's metadata, else 0].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The digits data (gzipped CSV, see data/README.md).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz"))]
+    data: PathBuf,
+}
+
+fn main() -> ExitCode {
+    match run(&Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let (dict, metadata) = files::load_safetensors::<f32>(&args.model).map_err(|e| format!("--model {e}"))?;
+    let arch = match (args.arch, metadata.get("arch")) {
+        (Some(arch), _) => arch
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default(),
+        (None, Some(arch)) => arch.clone(),
+        (None, None) => {
+            return Err(format!(
+                "{} records no architecture (PyTorch's files do not); give --arch mlp, mlp-bn, cnn or cnn-bn",
+                args.model.display()
+            ));
+        }
+    };
+    let (model, batchnorm) = Model::from_arch(&arch)
+        .ok_or_else(|| format!("unknown architecture {arch:?} in {}", args.model.display()))?;
+    let mut net: Sequential<f32> = model.build(batchnorm, 0);
+    net.load_state_dict(&dict, true).map_err(|e| {
+        format!(
+            "{} does not fit the {arch} architecture: {e}",
+            args.model.display()
+        )
+    })?;
+
+    let (x, labels) = match &args.input {
+        Some(path) => read_input(path)?,
+        None => {
+            let data = digits::load(&args.data).map_err(|e| format!("--data: {e}"))?;
+            let seed = match (args.seed, metadata.get("seed")) {
+                (Some(seed), _) => seed,
+                (None, Some(seed)) => seed
+                    .parse()
+                    .map_err(|_| format!("the file's seed {seed:?} is not a number"))?,
+                (None, None) => 0,
+            };
+            let (train, test) = digits::split(&data, 0.2, seed).map_err(|e| e.to_string())?;
+            let test = Standardizer::fit(&train).apply(&test);
+            println!("digits test split of seed {seed}: {} images", test.len());
+            (
+                test.features().mapv(|v| v as f32).into_dyn(),
+                Some(test.labels().to_vec()),
+            )
+        }
+    };
+    // Rows of 64 pixels become images for the CNN.
+    let x = match (model, x.shape()) {
+        (Model::Cnn, &[_, 64]) => {
+            let rows = x.into_dimensionality().map_err(|e| e.to_string())?;
+            model.input::<f32>(rows)
+        }
+        _ => x,
+    };
+    let tape = Tape::new();
+    let logits = net
+        .forward(tape.constant(x), Mode::Eval)
+        .map_err(|e| format!("the input does not fit a {arch} net: {e}"))?
+        .value()
+        .as_ref()
+        .clone();
+    match &labels {
+        Some(labels) => {
+            let accuracy = accuracy(&logits, labels).map_err(|e| e.to_string())?;
+            println!(
+                "{arch} from {}: accuracy {:.1}%",
+                args.model.display(),
+                100.0 * accuracy
+            );
+        }
+        None => {
+            let predicted: Vec<usize> = logits
+                .lanes(Axis(1))
+                .into_iter()
+                .map(|row| (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }))
+                .collect();
+            println!(
+                "{arch} from {}: predicted classes {predicted:?}",
+                args.model.display()
+            );
+        }
+    }
+    if let Some(path) = &args.logits {
+        let text = json!({"logits": {"shape": logits.shape(), "data": logits.iter().collect::<Vec<_>>()}});
+        std::fs::write(path, text.to_string() + "\n")
+            .map_err(|e| format!("--logits {}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The inputs `x` of a JSON file, and its `labels` if it has them.
+fn read_input(path: &PathBuf) -> Result<(ArrayD<f32>, Option<Vec<usize>>), String> {
+    let at = |problem: &str| format!("--input {}: {problem}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| at(&e.to_string()))?;
+    let root: Value = serde_json::from_str(&text).map_err(|e| at(&format!("not JSON: {e}")))?;
+    let shape: Option<Vec<usize>> = root["x"]["shape"]
+        .as_array()
+        .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect());
+    let data: Option<Vec<f32>> = root["x"]["data"]
+        .as_array()
+        .and_then(|values| values.iter().map(|v| v.as_f64().map(|v| v as f32)).collect());
+    let (Some(shape), Some(data)) = (shape, data) else {
+        return Err(at(
+            "expected {\"x\": {\"shape\": [whole numbers], \"data\": [numbers]}}",
+        ));
+    };
+    let x = ArrayD::from_shape_vec(shape.clone(), data)
+        .map_err(|_| at(&format!("x's data does not fill its shape {shape:?}")))?;
+    let labels = root["labels"]
+        .as_array()
+        .and_then(|labels| labels.iter().map(|l| l.as_u64().map(|l| l as usize)).collect());
+    Ok((x, labels))
+}
