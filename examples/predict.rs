@@ -10,8 +10,8 @@
 //! Without `--input` it evaluates the digits test split (the split of the seed the file records,
 //! as training made it) and prints the accuracy, the one training reported for that net. With
 //! `--input` (`{"x": {"shape": [N, 64] or [N, 1, 8, 8], "data": [...]}}`, the golden files'
-//! format) it computes the evaluation-mode logits; `--logits FILE` writes them as
-//! `{"logits": {"shape", "data"}}`. A bad path, architecture or shape is one line on stderr and
+//! format) it prints the evaluation-mode logits as `{"logits": {"shape", "data"}}`, or writes
+//! them to `--logits FILE` (with the accuracy when the input has `labels`). A bad path, architecture or shape is one line on stderr and
 //! exit code 2.
 
 #[cfg(not(feature = "system-alloc"))]
@@ -26,7 +26,7 @@ use bnorm::layers::{Mode, Module, Sequential, accuracy, files};
 use bnorm::models::Model;
 use bnorm::tape::Tape;
 use clap::{Parser, ValueEnum};
-use ndarray::{ArrayD, Axis};
+use ndarray::ArrayD;
 use serde_json::{Value, json};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -130,32 +130,25 @@ fn run(args: &Args) -> Result<(), String> {
         .value()
         .as_ref()
         .clone();
-    match &labels {
-        Some(labels) => {
-            let accuracy = accuracy(&logits, labels).map_err(|e| e.to_string())?;
-            println!(
-                "{arch} from {}: accuracy {:.1}%",
-                args.model.display(),
-                100.0 * accuracy
-            );
+    let json = json!({"logits": {"shape": logits.shape(), "data": logits.iter().collect::<Vec<_>>()}});
+    match (&args.input, &args.logits) {
+        // Inputs and no file: the logits are the output.
+        (Some(_), None) => println!("{json}"),
+        (_, logits_path) => {
+            let summary = match &labels {
+                Some(labels) => {
+                    let accuracy = accuracy(&logits, labels).map_err(|e| e.to_string())?;
+                    format!("accuracy {:.1}%", 100.0 * accuracy)
+                }
+                None => format!("{} inputs", logits.shape()[0]),
+            };
+            println!("{arch} from {}: {summary}", args.model.display());
+            if let Some(path) = logits_path {
+                std::fs::write(path, json.to_string() + "\n")
+                    .map_err(|e| format!("--logits {}: {e}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
         }
-        None => {
-            let predicted: Vec<usize> = logits
-                .lanes(Axis(1))
-                .into_iter()
-                .map(|row| (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }))
-                .collect();
-            println!(
-                "{arch} from {}: predicted classes {predicted:?}",
-                args.model.display()
-            );
-        }
-    }
-    if let Some(path) = &args.logits {
-        let text = json!({"logits": {"shape": logits.shape(), "data": logits.iter().collect::<Vec<_>>()}});
-        std::fs::write(path, text.to_string() + "\n")
-            .map_err(|e| format!("--logits {}: {e}", path.display()))?;
-        println!("wrote {}", path.display());
     }
     Ok(())
 }

@@ -126,6 +126,35 @@ pub trait Module<T: Element> {
         self.check_state_dict(dict, strict)
     }
 
+    /// Saves the [`state_dict`](Module::state_dict) as a safetensors file, atomically (see
+    /// [`crate::files`]). [`Sequential`] adds its architecture's name as metadata.
+    ///
+    /// # Errors
+    /// [`Error::File`] when the file cannot be written; the target is then unchanged.
+    fn save_safetensors(&self, path: impl AsRef<std::path::Path>) -> Result<()>
+    where
+        Self: Sized,
+    {
+        crate::files::save_safetensors(&self.state_dict(), &Default::default(), path)
+    }
+
+    /// Loads a safetensors file strictly (every key, no other, every shape), converting its
+    /// floats to `T`; returns the file's metadata. Nothing changes on error.
+    ///
+    /// # Errors
+    /// As [`crate::files::load_safetensors`] and [`Module::load_state_dict`].
+    fn load_safetensors(
+        &mut self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<std::collections::HashMap<String, String>>
+    where
+        Self: Sized,
+    {
+        let (dict, metadata) = crate::files::load_safetensors(path)?;
+        self.load_state_dict(&dict, true)?;
+        Ok(metadata)
+    }
+
     /// Whether [`load_state_dict`](Module::load_state_dict) would take `dict`, changing nothing.
     ///
     /// # Errors
@@ -213,49 +242,6 @@ impl<T: Element> Sequential<T> {
     pub fn arch(&self) -> Option<&str> {
         self.arch.as_deref()
     }
-
-    /// Saves the [`state_dict`](Module::state_dict) as a safetensors file, atomically, with
-    /// `{"arch": ...}` as metadata when the net has a name (see [`crate::files`]).
-    ///
-    /// # Errors
-    /// [`Error::File`] when the file cannot be written; the target is then unchanged.
-    ///
-    /// # Example
-    /// ```
-    /// use layers::prelude::*;
-    ///
-    /// let mut rng = StdRng::seed_from_u64(0);
-    /// let net = Sequential::<f32>::new().push(Linear::new(4, 2, &mut rng)).with_arch("tiny");
-    /// let path = std::env::temp_dir().join(format!("tiny-{}.safetensors", std::process::id()));
-    /// net.save_safetensors(&path)?;
-    /// let mut copy = Sequential::<f64>::new().push(Linear::new(4, 2, &mut rng));
-    /// assert_eq!(copy.load_safetensors(&path)?.get("arch").map(String::as_str), Some("tiny"));
-    /// assert_eq!(copy.state_dict()["0.weight"], net.state_dict()["0.weight"].mapv(f64::from));
-    /// # std::fs::remove_file(&path).unwrap();
-    /// # Ok::<(), layers::Error>(())
-    /// ```
-    pub fn save_safetensors(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
-        let metadata = self
-            .arch
-            .iter()
-            .map(|arch| ("arch".to_string(), arch.clone()))
-            .collect();
-        crate::files::save_safetensors(&self.state_dict(), &metadata, path)
-    }
-
-    /// Loads a safetensors file strictly (every key, no other, every shape), converting its
-    /// floats to `T`; returns the file's metadata. Nothing changes on error.
-    ///
-    /// # Errors
-    /// As [`crate::files::load_safetensors`] and [`Module::load_state_dict`].
-    pub fn load_safetensors(
-        &mut self,
-        path: impl AsRef<std::path::Path>,
-    ) -> Result<std::collections::HashMap<String, String>> {
-        let (dict, metadata) = crate::files::load_safetensors(path)?;
-        self.load_state_dict(&dict, true)?;
-        Ok(metadata)
-    }
 }
 
 impl<T: Element> Module<T> for Sequential<T> {
@@ -279,6 +265,31 @@ impl<T: Element> Module<T> for Sequential<T> {
     fn describe(&self) -> String {
         let inner: Vec<String> = self.layers.iter().map(|layer| layer.describe()).collect();
         format!("Sequential[{}]", inner.join(", "))
+    }
+
+    /// Saves the state dict with `{"arch": ...}` as metadata when the net has a name.
+    ///
+    /// # Example
+    /// ```
+    /// use layers::prelude::*;
+    ///
+    /// let mut rng = StdRng::seed_from_u64(0);
+    /// let net = Sequential::<f32>::new().push(Linear::new(4, 2, &mut rng)).with_arch("tiny");
+    /// let path = std::env::temp_dir().join(format!("tiny-{}.safetensors", std::process::id()));
+    /// net.save_safetensors(&path)?;
+    /// let mut copy = Sequential::<f64>::new().push(Linear::new(4, 2, &mut rng));
+    /// assert_eq!(copy.load_safetensors(&path)?.get("arch").map(String::as_str), Some("tiny"));
+    /// assert_eq!(copy.state_dict()["0.weight"], net.state_dict()["0.weight"].mapv(f64::from));
+    /// # std::fs::remove_file(&path).unwrap();
+    /// # Ok::<(), layers::Error>(())
+    /// ```
+    fn save_safetensors(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let metadata = self
+            .arch
+            .iter()
+            .map(|arch| ("arch".to_string(), arch.clone()))
+            .collect();
+        crate::files::save_safetensors(&self.state_dict(), &metadata, path)
     }
 
     /// Each child's state with its index in front, as PyTorch's `nn.Sequential`: `0.weight`,

@@ -143,3 +143,23 @@ fn layers_without_state_have_empty_dicts() {
         );
     }
 }
+
+#[test]
+fn any_layer_saves_and_loads_a_file_converting_between_f64_and_f32() {
+    let path = std::env::temp_dir().join(format!("bnorm-conv-{}.safetensors", std::process::id()));
+    let mut rng = StdRng::seed_from_u64(5);
+    let conv = Conv2d::<f64>::new(2, 3, [3, 3], &mut rng);
+    conv.save_safetensors(&path).unwrap();
+    let mut narrow = Conv2d::<f32>::new(2, 3, [3, 3], &mut rng);
+    let metadata = narrow.load_safetensors(&path).unwrap();
+    assert!(metadata.is_empty(), "a lone layer has no architecture to record");
+    // f64 to f32 rounds to nearest.
+    assert_eq!(narrow.weight.value, conv.weight.value.mapv(|w| w as f32));
+    let mut wrong = Linear::<f32>::new(2, 3, &mut rng);
+    let error = wrong.load_safetensors(&path).unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "state dict's \"weight\" has shape [3, 2, 3, 3], expected [3, 2]"
+    );
+    std::fs::remove_file(&path).unwrap();
+}
