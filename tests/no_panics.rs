@@ -1,5 +1,6 @@
 //! Hostile input never panics: the public API (tape ops, BatchNorm at its three levels, conv,
-//! pooling and dropout, the layers and the loss, the optimizers, the golden reader) is driven with random shapes, empty
+//! pooling and dropout, the layers and the loss, the optimizers, the golden reader, model files)
+//! is driven with random shapes, empty
 //! ones included, and random values, NaN, ±inf, subnormals and ±1e300 included. Every call must
 //! return `Ok` or `Err`; which one is not checked here (the unit tests check the values).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
@@ -252,6 +253,28 @@ proptest! {
             }
             let check = GradCheck { step: settings.0, atol: settings.1, rtol: settings.2, seed: 0 };
             let _ = check.run(|_, v| Ok(v[0].tanh()), &[array(&x_shape, &values)]);
+        })?;
+    }
+
+    #[test]
+    fn model_files_load_or_fail_for_any_bytes(
+        at in any::<prop::sample::Index>(),
+        cut in 0usize..64,
+        insert in prop::collection::vec(any::<u8>(), 0..16),
+    ) {
+        // A real model file with bytes cut out somewhere and others put in.
+        let bytes = include_bytes!("data/pytorch_cnn_bn.safetensors");
+        let start = at.index(bytes.len());
+        let end = (start + cut).min(bytes.len());
+        let mut mutated = bytes[..start].to_vec();
+        mutated.extend(&insert);
+        mutated.extend(&bytes[end..]);
+        let path = std::env::temp_dir().join(format!("bnorm-mutated-{}.safetensors", std::process::id()));
+        std::fs::write(&path, &mutated).unwrap();
+        no_panic("model files", || {
+            let _ = layers::files::load_safetensors::<f32>(&path);
+            let mut net = bnorm::models::Model::Cnn.build::<f64>(true, 0);
+            let _ = net.load_safetensors(&path);
         })?;
     }
 
