@@ -1,8 +1,8 @@
 //! Hostile input never panics: the public API (tape ops, BatchNorm at its three levels, conv,
 //! pooling and dropout, the layers and the loss, the optimizers, the golden reader, model files)
-//! is driven with random shapes, empty
-//! ones included, and random values, NaN, ±inf, subnormals and ±1e300 included. Every call must
-//! return `Ok` or `Err`; which one is not checked here (the unit tests check the values).
+//! is driven with random shapes, empty ones included, and random values, NaN, ±inf, subnormals
+//! and ±1e300 included. Every call must return `Ok` or `Err`; which one is not checked here (the
+//! unit tests check the values).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
