@@ -60,6 +60,7 @@ pub mod files;
 mod flatten;
 mod linear;
 mod loss;
+pub mod lr_schedule;
 mod module;
 mod optim;
 mod param;
