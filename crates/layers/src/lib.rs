@@ -74,7 +74,7 @@ pub use flatten::Flatten;
 pub use linear::Linear;
 pub use loss::{accuracy, softmax_cross_entropy, softmax_cross_entropy_composed};
 pub use module::{Mode, Module, Sequential, StateDict};
-pub use optim::{Adam, Optimizer, Sgd};
+pub use optim::{Adam, AdamW, Optimizer, Sgd};
 
 pub use batch_norm::{
     BatchNorm, BatchNormCache, BatchNormGrads, BatchNormNode, batch_norm, batch_norm_composed,

@@ -1,4 +1,4 @@
-//! Optimizers: SGD with momentum and Adam, with PyTorch's update rules.
+//! Optimizers: SGD with momentum and weight decay, Adam, and AdamW, with PyTorch's update rules.
 //!
 //! Settings are checked when an optimizer is made (or changed with `set_lr`), and every `step`
 //! checks its parameters against the optimizer's state before changing anything: a failed step
@@ -26,6 +26,15 @@ pub trait Optimizer<T: Element> {
 /// Checks a learning rate: finite and at least 0.
 fn check_lr(lr: f64) -> Result<()> {
     check_setting("lr", lr, "a finite number >= 0", lr.is_finite() && lr >= 0.0)
+}
+
+fn check_weight_decay(weight_decay: f64) -> Result<()> {
+    check_setting(
+        "weight_decay",
+        weight_decay,
+        "a finite number >= 0",
+        weight_decay.is_finite() && weight_decay >= 0.0,
+    )
 }
 
 fn check_setting(name: &'static str, got: f64, expected: &'static str, valid: bool) -> Result<()> {
@@ -75,12 +84,14 @@ fn init_state<T: Element>(state: &mut Vec<ArrayD<T>>, params: &[&mut Parameter<T
     }
 }
 
-/// Stochastic gradient descent with momentum (PyTorch's form):
-/// `v ← μ·v + g`, `θ ← θ - lr·v` (plain SGD for `μ = 0`).
+/// Stochastic gradient descent with momentum and weight decay (PyTorch's form, with PyTorch's
+/// coupled L2 decay `λ`): `g ← g + λ·θ`, `v ← μ·v + g`, `θ ← θ - lr·v` (plain SGD for
+/// `μ = λ = 0`).
 #[derive(Debug, Clone)]
 pub struct Sgd<T: Element> {
     lr: f64,
     momentum: f64,
+    weight_decay: f64,
     velocity: Vec<ArrayD<T>>,
 }
 
@@ -100,8 +111,24 @@ impl<T: Element> Sgd<T> {
         Ok(Sgd {
             lr,
             momentum,
+            weight_decay: 0.0,
             velocity: Vec::new(),
         })
+    }
+
+    /// This optimizer with L2 weight decay `λ` added to every gradient, as PyTorch's
+    /// `SGD(weight_decay=λ)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSetting`] unless `weight_decay` is finite and at least 0.
+    pub fn with_weight_decay(self, weight_decay: f64) -> Result<Self> {
+        check_weight_decay(weight_decay)?;
+        Ok(Sgd { weight_decay, ..self })
+    }
+
+    /// The weight decay `λ`.
+    pub fn weight_decay(&self) -> f64 {
+        self.weight_decay
     }
 
     /// The learning rate.
@@ -130,6 +157,7 @@ impl<T: Element> Optimizer<T> for Sgd<T> {
         check_step(&[&self.velocity], &params, grads)?;
         init_state(&mut self.velocity, &params);
         let (lr, momentum) = (T::from_f64_lossy(self.lr), T::from_f64_lossy(self.momentum));
+        let (decay, decaying) = (T::from_f64_lossy(self.weight_decay), self.weight_decay != 0.0);
         for (param, velocity) in params.iter_mut().zip(&mut self.velocity) {
             let Some(grad) = param.grad(grads) else { continue };
             let grad = grad.clone();
@@ -137,6 +165,8 @@ impl<T: Element> Optimizer<T> for Sgd<T> {
                 .and(&mut *velocity)
                 .and(&grad)
                 .for_each(|w, v, &g| {
+                    // Without decay the gradient as it is (0 · an infinite weight would be NaN).
+                    let g = if decaying { g + decay * *w } else { g };
                     *v = momentum * *v + g;
                     *w = *w - lr * *v;
                 });
@@ -247,173 +277,69 @@ impl<T: Element> Optimizer<T> for Adam<T> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use ndarray::array;
-    use tape::Tape;
+/// AdamW (Loshchilov and Hutter 2019): Adam with decoupled weight decay, PyTorch's
+/// `AdamW`: each step first shrinks the weights, `θ ← θ · (1 - lr·λ)`, then takes Adam's step
+/// (which does not see `λ`). PyTorch's default `λ` is 0.01.
+#[derive(Debug, Clone)]
+pub struct AdamW<T: Element> {
+    adam: Adam<T>,
+    weight_decay: f64,
+}
 
-    use super::*;
-
-    /// Minimises `sum((w - target)²)` and returns the final `w`.
-    fn minimise(optimizer: &mut dyn Optimizer<f64>, steps: usize) -> ArrayD<f64> {
-        let target = array![3.0, -1.0].into_dyn();
-        let mut w = Parameter::new(array![0.0, 0.0]);
-        for _ in 0..steps {
-            let tape = Tape::new();
-            let v = w.bind(&tape);
-            let diff = v - tape.constant(target.clone());
-            let grads = (diff * diff).sum().backward().unwrap();
-            optimizer.step(vec![&mut w], &grads).unwrap();
-        }
-        w.value
+impl<T: Element> AdamW<T> {
+    /// AdamW with this learning rate and weight decay, and Adam's other defaults.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSetting`] unless `lr` and `weight_decay` are finite and at least 0.
+    pub fn new(lr: f64, weight_decay: f64) -> Result<Self> {
+        Self::with_options(lr, 0.9, 0.999, 1e-8, weight_decay)
     }
 
-    #[test]
-    fn sgd_takes_the_textbook_step_and_converges() {
-        // One step from 0 with lr 0.1: gradient 2(w - t) = (-6, 2), so w = (0.6, -0.2).
-        assert!(
-            minimise(&mut Sgd::new(0.1, 0.0).unwrap(), 1).abs_diff_eq(&array![0.6, -0.2].into_dyn(), 1e-15)
-        );
-        // Momentum: the second step is -lr·(μ·g₁ + g₂).
-        let two = minimise(&mut Sgd::new(0.1, 0.9).unwrap(), 2);
-        let g2 = array![2.0 * (0.6 - 3.0), 2.0 * (-0.2 + 1.0)];
-        let expected = array![0.6, -0.2] - (array![-6.0, 2.0] * 0.9 + g2) * 0.1;
-        assert!(two.abs_diff_eq(&expected.into_dyn(), 1e-15));
-        // Heavy-ball momentum contracts by √μ ≈ 0.95 per step here: 500 steps reach 1e-6.
-        assert!(
-            minimise(&mut Sgd::new(0.1, 0.9).unwrap(), 500).abs_diff_eq(&array![3.0, -1.0].into_dyn(), 1e-6)
-        );
+    /// AdamW with every setting.
+    ///
+    /// # Errors
+    /// As [`Adam::with_options`], and [`Error::InvalidSetting`] unless `weight_decay` is finite
+    /// and at least 0.
+    pub fn with_options(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<Self> {
+        check_weight_decay(weight_decay)?;
+        Ok(AdamW {
+            adam: Adam::with_options(lr, beta1, beta2, eps)?,
+            weight_decay,
+        })
     }
 
-    #[test]
-    fn adam_first_step_is_lr_times_the_sign_and_converges() {
-        let one = minimise(&mut Adam::new(0.01).unwrap(), 1);
-        assert!(one.abs_diff_eq(&array![0.01, -0.01].into_dyn(), 1e-9));
-        assert!(minimise(&mut Adam::new(0.1).unwrap(), 500).abs_diff_eq(&array![3.0, -1.0].into_dyn(), 1e-3));
+    /// The learning rate.
+    pub fn lr(&self) -> f64 {
+        self.adam.lr()
     }
 
-    #[test]
-    fn a_changed_parameter_set_is_an_error() {
-        let mut sgd = Sgd::<f64>::new(0.1, 0.0).unwrap();
-        let tape = Tape::new();
-        let (mut a, mut b) = (Parameter::new(array![1.0]), Parameter::new(array![2.0]));
-        let grads = (a.bind(&tape) * b.bind(&tape)).sum().backward().unwrap();
-        sgd.step(vec![&mut a, &mut b], &grads).unwrap();
-        assert_eq!((a.value[0], b.value[0]), (0.8, 1.9));
-        let error = sgd.step(vec![&mut a], &grads).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "optimizer state holds 2 parameters, got 1; use one optimizer per set of parameters"
-        );
+    /// Changes the learning rate for the next steps (the decay uses it too).
+    ///
+    /// # Errors
+    /// As [`Adam::set_lr`].
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        self.adam.set_lr(lr)
     }
 
-    /// Two parameters of shapes [2] and [3], bound to a new tape, with their gradients.
-    fn two_parameters(a: &Parameter<f64>, b: &Parameter<f64>) -> Gradients<f64> {
-        let tape = Tape::new();
-        let loss = a.bind(&tape).sum() * b.bind(&tape).sum();
-        loss.backward().unwrap()
-    }
-
-    #[test]
-    fn parameters_that_change_shape_or_order_are_errors_and_change_nothing() {
-        // They panicked inside ndarray.
-        let optimizers: [Box<dyn Optimizer<f64>>; 2] = [
-            Box::new(Sgd::new(0.1, 0.9).unwrap()),
-            Box::new(Adam::new(0.1).unwrap()),
-        ];
-        for mut opt in optimizers {
-            let (mut a, mut b) = (
-                Parameter::new(array![1.0, 2.0]),
-                Parameter::new(array![3.0, 4.0, 5.0]),
-            );
-            let grads = two_parameters(&a, &b);
-            opt.step(vec![&mut a, &mut b], &grads).unwrap();
-            let grads = two_parameters(&a, &b);
-            let before = (a.value.clone(), b.value.clone());
-            let error = opt.step(vec![&mut b, &mut a], &grads).unwrap_err();
-            assert_eq!(
-                error.to_string(),
-                "parameter 0 has shape [3], expected [2] (its shape at the optimizer's first step); \
-                 give the optimizer the same parameters in the same order every step"
-            );
-            a.value = array![1.0, 2.0, 3.0, 4.0].into_dyn();
-            assert!(matches!(
-                opt.step(vec![&mut a, &mut b], &grads),
-                Err(Error::ParameterShape { index: 0, .. })
-            ));
-            a.value = before.0.clone();
-            assert_eq!(
-                (a.value.clone(), b.value.clone()),
-                before,
-                "a failed step changes nothing"
-            );
-            // The state is as it was: the next step in the right order works.
-            opt.step(vec![&mut a, &mut b], &grads).unwrap();
-        }
-    }
-
-    #[test]
-    fn gradients_of_a_tape_that_never_saw_the_parameters_are_an_error() {
-        // The step silently did nothing.
-        let mut sgd = Sgd::<f64>::new(0.1, 0.0).unwrap();
-        let mut w = Parameter::new(array![1.0, 2.0]);
-        let other = Tape::new();
-        let unrelated = (other.var(array![3.0]) * 2.0).sum().backward().unwrap();
-        let error = sgd.step(vec![&mut w], &unrelated).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "none of the 1 parameter was used on the tape these gradients come from; run the \
-             forward pass (which binds them) on that tape before backward"
-        );
-        assert_eq!(w.value, array![1.0, 2.0].into_dyn());
-        // A parameter bound to the tape but unused by the loss is left as it is (PyTorch's None
-        // gradient), beside one that is used.
-        let (mut used, mut unused) = (Parameter::new(array![1.0]), Parameter::new(array![5.0]));
-        let tape = Tape::new();
-        let _ = unused.bind(&tape);
-        let grads = (used.bind(&tape) * 3.0).sum().backward().unwrap();
-        sgd.step(vec![&mut used, &mut unused], &grads).unwrap();
-        assert_eq!((used.value[0], unused.value[0]), (1.0 - 0.1 * 3.0, 5.0));
-    }
-
-    #[test]
-    fn settings_are_checked() {
-        for (made, message) in [
-            (
-                Sgd::<f64>::new(f64::NAN, 0.9).map(|_| ()),
-                "lr must be a finite number >= 0, got NaN",
-            ),
-            (
-                Sgd::<f64>::new(-0.1, 0.9).map(|_| ()),
-                "lr must be a finite number >= 0, got -0.1",
-            ),
-            (
-                Sgd::<f64>::new(0.1, f64::INFINITY).map(|_| ()),
-                "momentum must be a finite number >= 0, got inf",
-            ),
-            (
-                Adam::<f64>::new(f64::INFINITY).map(|_| ()),
-                "lr must be a finite number >= 0, got inf",
-            ),
-            (
-                Adam::<f64>::with_options(0.1, 1.0, 0.999, 1e-8).map(|_| ()),
-                "beta1 must be in [0, 1), got 1",
-            ),
-            (
-                Adam::<f64>::with_options(0.1, 0.9, 1.0, 1e-8).map(|_| ()),
-                "beta2 must be in [0, 1), got 1",
-            ),
-            (
-                Adam::<f64>::with_options(0.1, 0.9, 0.999, -1.0).map(|_| ()),
-                "eps must be a finite number >= 0, got -1",
-            ),
-        ] {
-            assert_eq!(made.unwrap_err().to_string(), message);
-        }
-        let mut adam = Adam::<f64>::new(0.1).unwrap();
-        assert!(adam.set_lr(f64::NAN).is_err());
-        assert_eq!(adam.lr(), 0.1, "a failed set_lr changes nothing");
-        adam.set_lr(0.01).unwrap();
-        assert_eq!((adam.lr(), adam.betas(), adam.eps()), (0.01, (0.9, 0.999), 1e-8));
+    /// The weight decay `λ`.
+    pub fn weight_decay(&self) -> f64 {
+        self.weight_decay
     }
 }
+
+impl<T: Element> Optimizer<T> for AdamW<T> {
+    fn step(&mut self, mut params: Vec<&mut Parameter<T>>, grads: &Gradients<T>) -> Result<()> {
+        let adam = &self.adam;
+        check_step(&[&adam.first, &adam.second], &params, grads)?;
+        let shrink = 1.0 - adam.lr * self.weight_decay;
+        for param in params.iter_mut().filter(|param| param.grad(grads).is_some()) {
+            param
+                .value
+                .mapv_inplace(|w| T::from_f64_lossy(w.as_f64() * shrink));
+        }
+        self.adam.step(params, grads)
+    }
+}
+
+#[cfg(test)]
+mod tests;
