@@ -62,7 +62,7 @@ mod linear;
 mod loss;
 pub mod lr_schedule;
 mod module;
-mod optim;
+pub mod optim;
 mod param;
 pub mod pool;
 mod schedule;

@@ -59,6 +59,11 @@ impl<T: Element> Parameter<T> {
         self.binding.get().and_then(|id| grads.get_id(id))
     }
 
+    /// The gradient, as [`grad`](Parameter::grad) finds it, to change in place.
+    pub fn grad_mut<'g>(&self, grads: &'g mut Gradients<T>) -> Option<&'g mut ArrayD<T>> {
+        self.binding.get().and_then(|id| grads.get_id_mut(id))
+    }
+
     /// Whether this parameter was bound to the tape `grads` come from (it took part in that
     /// tape's forward pass).
     pub fn is_bound_to(&self, grads: &Gradients<T>) -> bool {

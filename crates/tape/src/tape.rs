@@ -497,6 +497,14 @@ impl<T: Element> Gradients<T> {
         self.grads.get(id.index).and_then(Option::as_ref)
     }
 
+    /// The gradient of the variable with this identity, to change in place (to clip it, say).
+    pub fn get_id_mut(&mut self, id: VarId) -> Option<&mut ArrayD<T>> {
+        if id.tape != self.tape_id {
+            return None;
+        }
+        self.grads.get_mut(id.index).and_then(Option::as_mut)
+    }
+
     /// Takes the gradient out (no copy), leaving `None`; for optimizers.
     pub fn take(&mut self, var: Var<'_, T>) -> Option<ArrayD<T>> {
         if var.tape.id() != self.tape_id {

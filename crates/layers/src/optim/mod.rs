@@ -1,14 +1,19 @@
-//! Optimizers: SGD with momentum and weight decay, Adam, and AdamW, with PyTorch's update rules.
+//! Optimizers: SGD with momentum and weight decay, Adam, and AdamW, with PyTorch's update rules;
+//! and gradient clipping ([`clip_grad_norm`], [`clip_grad_value`]).
 //!
 //! Settings are checked when an optimizer is made (or changed with `set_lr`), and every `step`
 //! checks its parameters against the optimizer's state before changing anything: a failed step
 //! leaves the parameters and the state as they were.
+
+mod clip;
 
 use ndarray::{ArrayD, Zip};
 use tape::{Element, Gradients};
 
 use crate::error::{Error, Result};
 use crate::param::Parameter;
+
+pub use self::clip::{clip_grad_norm, clip_grad_value};
 
 /// Updates parameters from their gradients.
 pub trait Optimizer<T: Element> {

@@ -218,3 +218,41 @@ fn adamw_shrinks_the_weights_then_takes_adams_step() {
     assert_eq!(plain, constant_gradient(&mut Adam::new(0.1).unwrap(), 3));
     assert!(AdamW::<f64>::new(0.1, f64::NAN).is_err());
 }
+
+/// Parameters `a = (1, 1)` and `b = (1)` with gradients `(3, 4)` and `(12)`: global norm 13.
+fn clipped_setup() -> (Parameter<f64>, Parameter<f64>, Gradients<f64>) {
+    let (a, b) = (Parameter::new(array![1.0, 1.0]), Parameter::new(array![1.0]));
+    let tape = Tape::new();
+    let loss = (a.bind(&tape) * tape.constant(array![3.0, 4.0])).sum() + (b.bind(&tape) * 12.0).sum();
+    let grads = loss.backward().unwrap();
+    (a, b, grads)
+}
+
+#[test]
+fn clip_grad_norm_scales_all_gradients_together_as_pytorch() {
+    let (a, b, mut grads) = clipped_setup();
+    // PyTorch: clip_grad_norm_([a, b], 6.5) returns 13 and scales by 6.5 / (13 + 1e-6).
+    let norm = clip_grad_norm(&[&a, &b], &mut grads, 6.5).unwrap();
+    assert_eq!(norm, 13.0);
+    let factor = 6.5 / (13.0 + 1e-6);
+    assert_eq!(
+        *a.grad(&grads).unwrap(),
+        array![3.0 * factor, 4.0 * factor].into_dyn()
+    );
+    assert_eq!(*b.grad(&grads).unwrap(), array![12.0 * factor].into_dyn());
+    // A norm already within the bound is left as it is.
+    let (a, b, mut grads) = clipped_setup();
+    assert_eq!(clip_grad_norm(&[&a, &b], &mut grads, 13.5).unwrap(), 13.0);
+    assert_eq!(*b.grad(&grads).unwrap(), array![12.0].into_dyn());
+    let error = clip_grad_norm(&[&a, &b], &mut grads, -1.0).unwrap_err();
+    assert_eq!(error.to_string(), "max_norm must be a finite number >= 0, got -1");
+}
+
+#[test]
+fn clip_grad_value_clamps_each_value() {
+    let (a, b, mut grads) = clipped_setup();
+    clip_grad_value(&[&a, &b], &mut grads, 3.5).unwrap();
+    assert_eq!(*a.grad(&grads).unwrap(), array![3.0, 3.5].into_dyn());
+    assert_eq!(*b.grad(&grads).unwrap(), array![3.5].into_dyn());
+    assert!(clip_grad_value(&[&a], &mut grads, f64::NAN).is_err());
+}
