@@ -19,7 +19,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use tape::Element;
 
 use crate::error::{Error, Result};
-use crate::module::StateDict;
+use crate::module::{Module, StateDict};
+use crate::optim::Optimizer;
 
 /// Whether `key` names a BatchNorm batch count, stored as an integer.
 fn is_count(key: &str) -> bool {
@@ -165,4 +166,53 @@ pub fn load_safetensors<T: Element>(
         dict.insert(key.to_string(), array);
     }
     Ok((dict, header.metadata().clone().unwrap_or_default()))
+}
+
+/// The prefix of an optimizer's keys in a checkpoint.
+const OPTIMIZER: &str = "optimizer.";
+
+/// Saves a model and its optimizer in one safetensors file, atomically: the model's keys as
+/// [`Module::state_dict`] gives them, the optimizer's ([`Optimizer::state_dict`]) behind
+/// `optimizer.` (`optimizer.state.0.exp_avg`). Training resumed from it with
+/// [`load_checkpoint`] takes the same steps as training that never stopped.
+///
+/// # Errors
+/// As [`save_safetensors`].
+pub fn save_checkpoint<T: Element>(
+    model: &impl Module<T>,
+    optimizer: &impl Optimizer<T>,
+    metadata: &HashMap<String, String>,
+    path: impl AsRef<Path>,
+) -> Result<()> {
+    let mut dict = model.state_dict();
+    dict.extend(
+        optimizer
+            .state_dict()
+            .into_iter()
+            .map(|(key, value)| (format!("{OPTIMIZER}{key}"), value)),
+    );
+    save_safetensors(&dict, metadata, path)
+}
+
+/// Loads a checkpoint [`save_checkpoint`] wrote into a model (strictly) and its optimizer,
+/// returning the file's metadata. Both are checked before either changes.
+///
+/// # Errors
+/// As [`load_safetensors`], [`Module::load_state_dict`] and [`Optimizer::load_state_dict`].
+pub fn load_checkpoint<T: Element>(
+    model: &mut impl Module<T>,
+    optimizer: &mut impl Optimizer<T>,
+    path: impl AsRef<Path>,
+) -> Result<HashMap<String, String>> {
+    let (dict, metadata) = load_safetensors(path)?;
+    let (optimizer_part, model_part): (StateDict<T>, StateDict<T>) =
+        dict.into_iter().partition(|(key, _)| key.starts_with(OPTIMIZER));
+    let optimizer_part = optimizer_part
+        .into_iter()
+        .map(|(key, value)| (key[OPTIMIZER.len()..].to_string(), value))
+        .collect();
+    model.check_state_dict(&model_part, true)?;
+    optimizer.load_state_dict(&optimizer_part)?;
+    model.load_state_dict(&model_part, true)?;
+    Ok(metadata)
 }

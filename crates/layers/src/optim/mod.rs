@@ -11,6 +11,7 @@ use ndarray::{ArrayD, Zip};
 use tape::{Element, Gradients};
 
 use crate::error::{Error, Result};
+use crate::module::StateDict;
 use crate::param::Parameter;
 
 pub use self::clip::{clip_grad_norm, clip_grad_value};
@@ -26,6 +27,74 @@ pub trait Optimizer<T: Element> {
     /// number, shape or order since the first step; [`Error::ForeignGradients`] when none of
     /// them was used on the tape `grads` come from. Nothing changes on error.
     fn step(&mut self, params: Vec<&mut Parameter<T>>, grads: &Gradients<T>) -> Result<()>;
+
+    /// The per-parameter state under the names of PyTorch's `optimizer.state_dict()["state"]`,
+    /// flattened: `state.{i}.momentum_buffer` for [`Sgd`]; `state.{i}.exp_avg`,
+    /// `state.{i}.exp_avg_sq` and `state.{i}.step` for [`Adam`] and [`AdamW`], `i` the
+    /// parameter's position. Empty before the first step. The settings (learning rate, ...) are
+    /// not in it: they are the optimizer's constructor's arguments.
+    fn state_dict(&self) -> StateDict<T>;
+
+    /// Loads a state [`state_dict`](Optimizer::state_dict) gave, so that training resumes where
+    /// it stopped. Nothing changes on error.
+    ///
+    /// # Errors
+    /// [`Error::MissingKey`] when a parameter's entry lacks a key the others have or the
+    /// positions are not `0..n`, [`Error::UnexpectedKey`] for a key of another optimizer,
+    /// [`Error::InvalidSetting`] for a step count that is not a whole number.
+    fn load_state_dict(&mut self, dict: &StateDict<T>) -> Result<()>;
+}
+
+/// `state.{i}.{name}` for each of `names` and each buffer of `buffers[k]`.
+fn buffers_state<T: Element>(names: &[&str], buffers: &[&Vec<ArrayD<T>>]) -> StateDict<T> {
+    let mut dict = StateDict::new();
+    for (name, buffer) in names.iter().zip(buffers) {
+        for (i, value) in buffer.iter().enumerate() {
+            dict.insert(format!("state.{i}.{name}"), value.clone());
+        }
+    }
+    dict
+}
+
+/// The buffers `names` of every parameter position in `dict` (`state.{i}.{name}`), checked:
+/// positions `0..n`, each with every name, and no other key.
+fn buffers_from<T: Element>(dict: &StateDict<T>, names: &[&str]) -> Result<Vec<Vec<ArrayD<T>>>> {
+    let expected = || {
+        names
+            .iter()
+            .map(|n| format!("state.{{i}}.{n}"))
+            .collect::<Vec<_>>()
+    };
+    let mut count = 0;
+    for key in dict.keys() {
+        let parsed = key
+            .strip_prefix("state.")
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(i, name)| Some((i.parse::<usize>().ok()?, name)));
+        match parsed {
+            Some((i, name)) if names.contains(&name) => count = count.max(i + 1),
+            _ => {
+                return Err(Error::UnexpectedKey {
+                    key: key.clone(),
+                    expected: expected(),
+                });
+            }
+        }
+    }
+    names
+        .iter()
+        .map(|name| {
+            (0..count)
+                .map(|i| {
+                    let key = format!("state.{i}.{name}");
+                    dict.get(&key).cloned().ok_or_else(|| Error::MissingKey {
+                        key,
+                        expected: expected(),
+                    })
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Checks a learning rate: finite and at least 0.
@@ -178,6 +247,16 @@ impl<T: Element> Optimizer<T> for Sgd<T> {
         }
         Ok(())
     }
+
+    fn state_dict(&self) -> StateDict<T> {
+        buffers_state(&["momentum_buffer"], &[&self.velocity])
+    }
+
+    fn load_state_dict(&mut self, dict: &StateDict<T>) -> Result<()> {
+        let mut buffers = buffers_from(dict, &["momentum_buffer"])?;
+        self.velocity = buffers.remove(0);
+        Ok(())
+    }
 }
 
 /// Adam (Kingma and Ba 2015) with bias correction, PyTorch's defaults
@@ -280,6 +359,35 @@ impl<T: Element> Optimizer<T> for Adam<T> {
         }
         Ok(())
     }
+
+    fn state_dict(&self) -> StateDict<T> {
+        let mut dict = buffers_state(&["exp_avg", "exp_avg_sq"], &[&self.first, &self.second]);
+        for i in 0..self.first.len() {
+            let step = ndarray::arr0(T::from_f64_lossy(f64::from(self.steps))).into_dyn();
+            dict.insert(format!("state.{i}.step"), step);
+        }
+        dict
+    }
+
+    fn load_state_dict(&mut self, dict: &StateDict<T>) -> Result<()> {
+        let mut buffers = buffers_from(dict, &["exp_avg", "exp_avg_sq", "step"])?;
+        let steps = buffers.pop().unwrap_or_default();
+        let count = steps
+            .first()
+            .and_then(|s| s.iter().next())
+            .map_or(0.0, |s| s.as_f64());
+        let whole = steps.iter().all(|s| s.iter().all(|v| v.as_f64() == count));
+        check_setting(
+            "the step count (state.{i}.step)",
+            count,
+            "a whole number in [0, 2^31), the same for every parameter",
+            whole && count >= 0.0 && count.fract() == 0.0 && count < 2_147_483_648.0,
+        )?;
+        let second = buffers.pop().unwrap_or_default();
+        let first = buffers.pop().unwrap_or_default();
+        (self.first, self.second, self.steps) = (first, second, count as i32);
+        Ok(())
+    }
 }
 
 /// AdamW (Loshchilov and Hutter 2019): Adam with decoupled weight decay, PyTorch's
@@ -343,6 +451,14 @@ impl<T: Element> Optimizer<T> for AdamW<T> {
                 .mapv_inplace(|w| T::from_f64_lossy(w.as_f64() * shrink));
         }
         self.adam.step(params, grads)
+    }
+
+    fn state_dict(&self) -> StateDict<T> {
+        self.adam.state_dict()
+    }
+
+    fn load_state_dict(&mut self, dict: &StateDict<T>) -> Result<()> {
+        self.adam.load_state_dict(dict)
     }
 }
 

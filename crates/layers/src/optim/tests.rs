@@ -256,3 +256,37 @@ fn clip_grad_value_clamps_each_value() {
     assert_eq!(*b.grad(&grads).unwrap(), array![3.5].into_dyn());
     assert!(clip_grad_value(&[&a], &mut grads, f64::NAN).is_err());
 }
+
+#[test]
+fn optimizer_states_round_trip_and_bad_ones_change_nothing() {
+    let mut adam = Adam::new(0.1).unwrap();
+    constant_gradient(&mut adam, 2);
+    let state = adam.state_dict();
+    let keys: Vec<&String> = state.keys().collect();
+    assert_eq!(keys, ["state.0.exp_avg", "state.0.exp_avg_sq", "state.0.step"]);
+    let mut fresh = Adam::<f64>::new(0.1).unwrap();
+    fresh.load_state_dict(&state).unwrap();
+    assert_eq!(fresh.state_dict(), state);
+
+    let mut missing = state.clone();
+    missing.remove("state.0.exp_avg_sq");
+    let error = fresh.load_state_dict(&missing).unwrap_err().to_string();
+    assert!(
+        error.starts_with("state dict has no \"state.0.exp_avg_sq\""),
+        "{error}"
+    );
+    let mut fractional = state.clone();
+    fractional.insert("state.0.step".into(), ndarray::arr0(2.5).into_dyn());
+    let error = fresh.load_state_dict(&fractional).unwrap_err().to_string();
+    assert!(
+        error.starts_with("the step count (state.{i}.step) must be a whole number"),
+        "{error}"
+    );
+    assert_eq!(fresh.state_dict(), state, "failed loads changed nothing");
+    assert!(
+        Sgd::<f64>::new(0.1, 0.9)
+            .unwrap()
+            .load_state_dict(&state)
+            .is_err()
+    );
+}
