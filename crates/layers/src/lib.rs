@@ -11,10 +11,11 @@
 //!   the [`MaxPool2d`] / [`AvgPool2d`] layers, [`dropout()`] and the [`Dropout`] layer, and
 //!   [`Flatten`].
 //! - For small nets: [`Linear`], [`Activation`], [`Sequential`] (all [`Module`]s), the fused
-//!   [`softmax_cross_entropy`] loss, and the [`Sgd`] and [`Adam`] optimizers.
+//!   [`softmax_cross_entropy`] loss, the [`Sgd`], [`Adam`] and [`AdamW`] optimizers (weight
+//!   decay, gradient clipping in [`optim`]) and learning-rate schedules ([`lr_schedule`]).
 //! - State under PyTorch's names ([`Module::state_dict`], [`Module::load_state_dict`]) and
-//!   safetensors files ([`Sequential::save_safetensors`], [`files`]) that PyTorch reads and
-//!   writes.
+//!   safetensors files ([`Module::save_safetensors`], [`files`]) that PyTorch reads and writes,
+//!   with checkpoints of a model and its optimizer ([`files::save_checkpoint`]).
 //!
 //! See the [`batch_norm`](mod@batch_norm), [`conv`], [`pool`] and [`dropout`](mod@dropout)
 //! modules for the derivations and the conventions.
@@ -97,7 +98,8 @@ pub mod prelude {
     pub use tape::{GradCheck, Gradients, Tape, Var, check_gradients};
 
     pub use crate::{
-        Activation, Adam, AvgPool2d, BatchNorm, Conv2d, Conv2dOptions, Dropout, Flatten, Linear, MaxPool2d,
-        Mode, Module, Optimizer, Sequential, Sgd, Window2d, accuracy, batch_norm, softmax_cross_entropy,
+        Activation, Adam, AdamW, AvgPool2d, BatchNorm, Conv2d, Conv2dOptions, Dropout, Flatten, Linear,
+        MaxPool2d, Mode, Module, Optimizer, Sequential, Sgd, Window2d, accuracy, batch_norm,
+        softmax_cross_entropy,
     };
 }
