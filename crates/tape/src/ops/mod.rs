@@ -7,7 +7,7 @@
 //! | [`binary`] | `add`, `sub`, `mul`, `div` with NumPy broadcasting |
 //! | [`unary`] | `neg`, `exp`, `ln`, `sqrt`, `powf`, `powi`, `abs`, `relu`, `sigmoid`, `tanh`, scalar `+`, `*` and `/` |
 //! | [`reduce`] | `sum`, `mean` over chosen axes or everything, `max` over an axis |
-//! | [`shape`] | `reshape`, `flatten`, `broadcast_to`, `transpose` |
+//! | [`shape`] | `reshape`, `flatten`, `broadcast_to`, `transpose`, `detach` |
 //! | [`unfold`] | `unfold` (im2col) with `fold` as its backward, for convolution and pooling |
 //! | [`matmul`] | matrix product, batched over leading axes |
 //! | [`operators`] | `+ - * /` and unary `-` on `Var`s and scalars |

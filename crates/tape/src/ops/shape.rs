@@ -122,6 +122,22 @@ impl<T: Element> Function<T> for Transpose {
 }
 
 impl<'t, T: Element> Var<'t, T> {
+    /// The same value as a constant on the same tape: no gradient flows back through it, as
+    /// PyTorch's `x.detach()`. The value is copied (a constant owns its value).
+    ///
+    /// # Example
+    /// ```
+    /// let tape = tape::Tape::<f64>::new();
+    /// let x = tape.var(ndarray::array![3.0]);
+    /// // d(x · stop(x))/dx = stop(x) = 3, where d(x · x)/dx = 6.
+    /// let grads = (x * x.detach()).sum().backward()?;
+    /// assert_eq!(grads.wrt(x)?[0], 3.0);
+    /// # Ok::<(), tape::TapeError>(())
+    /// ```
+    pub fn detach(self) -> Var<'t, T> {
+        self.tape.constant(self.value().as_ref().clone())
+    }
+
     /// Row-major reshape.
     ///
     /// # Errors
