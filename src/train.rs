@@ -6,11 +6,9 @@
 
 use std::time::Instant;
 
+use layers::data::{Batch, DataLoader};
 use layers::{Mode, Module, Optimizer, Sequential, Sgd, StateDict, accuracy, softmax_cross_entropy};
-use ndarray::Axis;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
+use ndarray::Ix2;
 use tape::Tape;
 
 use crate::digits::Dataset;
@@ -180,25 +178,29 @@ pub fn run(
     let model = config.model;
     let mut net = model.build(config.batchnorm, config.seed);
     let mut optimizer = Sgd::new(config.learning_rate, 0.9)?;
-    let mut batches = StdRng::seed_from_u64(config.seed.wrapping_add(1));
-    let features = as_f32(train);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut cursor = order.len(); // reshuffle before the first batch
+    // Batches of a new shuffled order each epoch, whole batches only.
+    let mut loader = DataLoader::new(
+        as_f32(train).into_dyn(),
+        train.labels().to_vec(),
+        config.batch_size,
+    )?
+    .shuffled(config.seed.wrapping_add(1))
+    .drop_last(true);
+    let mut batches = loader.cycle();
 
     let mut curve = vec![(0, evaluate(model, &mut net, test)?)];
     let mut losses = Vec::new();
     let mut diverged_at = None;
     for step in 1..=config.steps {
-        if cursor + config.batch_size > order.len() {
-            order.shuffle(&mut batches);
-            cursor = 0;
-        }
-        let batch = &order[cursor..cursor + config.batch_size];
-        cursor += config.batch_size;
-        let labels: Vec<usize> = batch.iter().map(|&i| train.labels()[i]).collect();
-
+        // At least one batch an epoch: `check` keeps the batch within the data.
+        let Some(Batch { x, labels }) = batches.next() else {
+            break;
+        };
         let tape = Tape::new();
-        let x = tape.constant(model.input(features.select(Axis(0), batch)));
+        let rows = x.into_dimensionality::<Ix2>();
+        let x = tape.constant(
+            model.input(rows.unwrap_or_else(|_| unreachable!("the loader holds rows of 64 pixels"))),
+        );
         let logits = net.forward(x, Mode::Train)?;
         // Diverged weights give NaN logits (which the loss rejects), or an infinite loss.
         let loss = match softmax_cross_entropy(logits, &labels) {
