@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bnorm::digits::{self, Standardizer};
+use bnorm::golden;
 use bnorm::layers::{Mode, Module, Sequential, accuracy, files};
 use bnorm::models::Model;
 use bnorm::tape::Tape;
@@ -158,19 +159,12 @@ fn read_input(path: &PathBuf) -> Result<(ArrayD<f32>, Option<Vec<usize>>), Strin
     let at = |problem: &str| format!("--input {}: {problem}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| at(&e.to_string()))?;
     let root: Value = serde_json::from_str(&text).map_err(|e| at(&format!("not JSON: {e}")))?;
-    let shape: Option<Vec<usize>> = root["x"]["shape"]
-        .as_array()
-        .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect());
-    let data: Option<Vec<f32>> = root["x"]["data"]
-        .as_array()
-        .and_then(|values| values.iter().map(|v| v.as_f64().map(|v| v as f32)).collect());
-    let (Some(shape), Some(data)) = (shape, data) else {
-        return Err(at(
-            "expected {\"x\": {\"shape\": [whole numbers], \"data\": [numbers]}}",
-        ));
-    };
-    let x = ArrayD::from_shape_vec(shape.clone(), data)
-        .map_err(|_| at(&format!("x's data does not fill its shape {shape:?}")))?;
+    let x = root
+        .get("x")
+        .ok_or_else(|| at("expected {\"x\": {\"shape\": [whole numbers], \"data\": [numbers]}}"))?;
+    let x = golden::parse_tensor(x, "x")
+        .map_err(|e| at(&e.to_string()))?
+        .to_array::<f32>();
     let labels = root["labels"]
         .as_array()
         .and_then(|labels| labels.iter().map(|l| l.as_u64().map(|l| l as usize)).collect());

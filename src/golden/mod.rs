@@ -208,35 +208,7 @@ impl<'a> Obj<'a> {
     }
 
     fn tensor(&self, key: &str) -> Result<Tensor, GoldenError> {
-        let at = format!("{}.{key}", self.at);
-        let value = self.field(key)?;
-        let shape: Vec<usize> = value
-            .get("shape")
-            .and_then(Value::as_array)
-            .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .ok_or_else(|| format_error(&at, "expected {\"shape\": [whole numbers], \"data\": [numbers]}"))?;
-        let data: Vec<f64> = value
-            .get("data")
-            .and_then(Value::as_array)
-            .and_then(|values| values.iter().map(Value::as_f64).collect())
-            .ok_or_else(|| format_error(&at, "expected \"data\": an array of numbers"))?;
-        let count = element_count(&shape);
-        match count {
-            None => {
-                return Err(format_error(
-                    &at,
-                    format!("shape {shape:?} is larger than an array can be"),
-                ));
-            }
-            Some(count) if count != data.len() => {
-                return Err(format_error(
-                    &at,
-                    format!("shape {shape:?} needs {count} values, data has {}", data.len()),
-                ));
-            }
-            Some(_) => {}
-        }
-        Ok(Tensor { shape, data })
+        parse_tensor(self.field(key)?, &format!("{}.{key}", self.at))
     }
 
     /// A tensor, or `None` where the field is `null`.
@@ -267,6 +239,41 @@ impl<'a> Obj<'a> {
     fn tensors(&self, keys: &[&'static str]) -> Result<Vec<(&'static str, Tensor)>, GoldenError> {
         keys.iter().map(|&key| Ok((key, self.tensor(key)?))).collect()
     }
+}
+
+/// An array of the golden format, `{"shape": [...], "data": [...]}`, checked: whole-number
+/// sizes, numbers, as many as the shape holds. `at` names the place in errors.
+///
+/// # Errors
+/// [`GoldenError::Format`] naming `at` and the problem.
+pub fn parse_tensor(value: &Value, at: &str) -> Result<Tensor, GoldenError> {
+    let shape: Vec<usize> = value
+        .get("shape")
+        .and_then(Value::as_array)
+        .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+        .ok_or_else(|| format_error(at, "expected {\"shape\": [whole numbers], \"data\": [numbers]}"))?;
+    let data: Vec<f64> = value
+        .get("data")
+        .and_then(Value::as_array)
+        .and_then(|values| values.iter().map(Value::as_f64).collect())
+        .ok_or_else(|| format_error(at, "expected \"data\": an array of numbers"))?;
+    let count = element_count(&shape);
+    match count {
+        None => {
+            return Err(format_error(
+                at,
+                format!("shape {shape:?} is larger than an array can be"),
+            ));
+        }
+        Some(count) if count != data.len() => {
+            return Err(format_error(
+                at,
+                format!("shape {shape:?} needs {count} values, data has {}", data.len()),
+            ));
+        }
+        Some(_) => {}
+    }
+    Ok(Tensor { shape, data })
 }
 
 /// The number of values of an array of `shape`, checked: `None` where the product of its
