@@ -5,7 +5,8 @@ For BatchNorm, `torch.ops.aten.native_batch_norm` (training mode) followed by
 `torch.ops.aten.native_batch_norm_backward` (all three gradients), the pair PyTorch's autograd
 runs for `F.batch_norm`. For conv2d (kernel 3x3, padding 1, with bias) and max_pool2d (2x2,
 stride 2), `torch.nn.functional.conv2d` / `max_pool2d` forward and `torch.autograd.grad` of
-every input, as a training step runs them. One JSON line per case:
+every input, as a training step runs them; the same for `layer_norm` (over the last axis) and
+`group_norm`, with weight and bias. One JSON line per case:
 
     {"op": "batch_norm", "dtype": "f32", "shape": [4096, 4096], "torch_us": <median fwd+bwd>, "torch": "2.13.0", "threads": 2}
     {"op": "conv2d", "dtype": "f32", "shape": [60, 16, 8, 8], "out_channels": 32, "torch_us": ..., ...}
@@ -43,7 +44,10 @@ CONV = [((64, 1, 8, 8), 16), ((60, 16, 8, 8), 32), ((32, 16, 28, 28), 32), ((8, 
 QUICK_CONV = 2
 # max_pool2d 2x2, stride 2: input shapes.
 POOL = [(32, 32, 28, 28)]
-OPS = ["batch_norm", "conv2d", "max_pool2d"]
+# layer_norm over the last axis (a transformer block's activations); group_norm: (shape, groups).
+LAYER_NORM = [(64 * 128, 768)]
+GROUP_NORM = [((32, 64, 56, 56), 32)]
+OPS = ["batch_norm", "conv2d", "max_pool2d", "layer_norm", "group_norm"]
 
 
 def parse_shape(text):
@@ -117,7 +121,28 @@ def pool_pass(torch, case, dtype):
     return run
 
 
-PASSES = {"batch_norm": batch_norm_pass, "conv2d": conv_pass, "max_pool2d": pool_pass}
+def norm_pass(torch, case, dtype):
+    shape = case["shape"]
+    features = shape[-1] if case["op"] == "layer_norm" else shape[1]
+    torch.manual_seed(0)
+    x = (1.0 + 2.0 * torch.randn(shape, dtype=dtype)).requires_grad_()
+    grad = 1.0 + 2.0 * torch.randn(shape, dtype=dtype)
+    weight = (1.0 + 2.0 * torch.randn(features, dtype=dtype)).requires_grad_()
+    bias = torch.zeros(features, dtype=dtype, requires_grad=True)
+    F = torch.nn.functional
+
+    def run():
+        if case["op"] == "layer_norm":
+            out = F.layer_norm(x, (features,), weight, bias, 1e-5)
+        else:
+            out = F.group_norm(x, case["groups"], weight, bias, 1e-5)
+        return out, torch.autograd.grad(out, [x, weight, bias], grad)
+
+    return run
+
+
+PASSES = {"batch_norm": batch_norm_pass, "conv2d": conv_pass, "max_pool2d": pool_pass,
+          "layer_norm": norm_pass, "group_norm": norm_pass}
 
 
 def budget(args):
@@ -147,6 +172,10 @@ def cases(args):
             grid = [(shape, None) for shape in (args.shape or (QUICK if args.quick else GRID))]
         elif op == "conv2d":
             grid = CONV[:QUICK_CONV] if args.quick else CONV
+        elif op == "layer_norm":
+            grid = [(shape, None) for shape in LAYER_NORM]
+        elif op == "group_norm":
+            grid = GROUP_NORM
         else:
             grid = [(shape, shape[1]) for shape in POOL]
         if op != "batch_norm" and args.shape:
@@ -154,7 +183,9 @@ def cases(args):
         for dtype in dtypes:
             for shape, co in grid:
                 case = {"op": op, "dtype": dtype, "shape": tuple(shape)}
-                if co is not None:
+                if op == "group_norm":
+                    case["groups"] = co
+                elif co is not None:
                     case["out_channels"] = co
                 selected.append(case)
     return selected

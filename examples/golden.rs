@@ -1,9 +1,10 @@
-//! Checks this project's BatchNorm, convolution and pooling against a golden file of PyTorch
-//! results.
+//! Checks this project's BatchNorm, convolution, pooling, LayerNorm and GroupNorm against a
+//! golden file of PyTorch results.
 //!
 //! ```sh
 //! cargo run --release --example golden -- tests/data/pytorch_batchnorm.json --dtype f32
 //! cargo run --release --example golden -- tests/data/pytorch_conv_pool.json
+//! cargo run --release --example golden -- tests/data/pytorch_layer_group_norm.json
 //! ```
 //!
 //! Prints one line per case with the relative error (max abs error / max abs reference) of each
@@ -20,7 +21,7 @@ enum Dtype {
     F64,
 }
 
-/// Check BatchNorm, conv2d and pooling against golden results (PyTorch's format: see
+/// Check BatchNorm, conv2d, pooling, LayerNorm and GroupNorm against golden results (PyTorch's format: see
 /// tests/data/README.md).
 #[derive(Parser, Debug)]
 #[command(allow_negative_numbers = true)]

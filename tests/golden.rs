@@ -1,13 +1,17 @@
-//! PyTorch as the oracle: every case of `tests/data/pytorch_batchnorm.json` and
-//! `tests/data/pytorch_conv_pool.json` (see their README) recomputed here: BatchNorm through the
-//! functional API and through the layer on a tape, conv and pooling through the fused nodes and
-//! their compositions.
+//! PyTorch as the oracle: every case of `tests/data/pytorch_batchnorm.json`,
+//! `tests/data/pytorch_conv_pool.json` and `tests/data/pytorch_layer_group_norm.json` (see their
+//! README) recomputed here: BatchNorm through the functional API and through the layer on a
+//! tape, conv, pooling, LayerNorm and GroupNorm through the fused nodes and their compositions.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use bnorm::golden::{self, CaseKind, GoldenError, check_case};
+use bnorm::golden::{self, CaseKind, GoldenError, Normalized, check_case};
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pytorch_batchnorm.json");
 const CONV_POOL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pytorch_conv_pool.json");
+const NORM: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/pytorch_layer_group_norm.json"
+);
 
 fn cases() -> Vec<golden::Case> {
     golden::load(GOLDEN).expect("the vendored golden file parses")
@@ -17,8 +21,75 @@ fn conv_pool_cases() -> Vec<golden::Case> {
     golden::load(CONV_POOL).expect("the vendored golden file parses")
 }
 
+fn norm_cases() -> Vec<golden::Case> {
+    golden::load(NORM).expect("the vendored golden file parses")
+}
+
 fn all_cases() -> Vec<golden::Case> {
-    cases().into_iter().chain(conv_pool_cases()).collect()
+    cases()
+        .into_iter()
+        .chain(conv_pool_cases())
+        .chain(norm_cases())
+        .collect()
+}
+
+#[test]
+fn the_norm_file_covers_both_kinds_with_and_without_affine() {
+    let cases = norm_cases();
+    assert_eq!(cases.len(), 9);
+    let norms: Vec<_> = cases
+        .iter()
+        .filter_map(|case| match &case.kind {
+            CaseKind::Norm(norm) => Some(norm),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(norms.len(), 9);
+    for kind in ["layer_norm", "group_norm"] {
+        assert!(
+            norms.iter().any(|n| n.kind_name() == kind && n.affine.is_none()),
+            "{kind}"
+        );
+        assert!(
+            norms.iter().any(|n| n.kind_name() == kind && n.affine.is_some()),
+            "{kind}"
+        );
+    }
+    assert!(
+        norms
+            .iter()
+            .any(|n| n.normalized == Normalized::Layer(vec![4, 5]))
+    );
+    assert!(norms.iter().any(|n| n.normalized == Normalized::Groups(1)));
+}
+
+#[test]
+fn a_wrong_norm_reference_is_reported_not_hidden() {
+    let mut case = norm_cases().remove(0);
+    let CaseKind::Norm(norm) = &mut case.kind else {
+        panic!("the norm file holds only normalizations")
+    };
+    let (name, dweight) = &mut norm.expected[2];
+    assert_eq!(*name, "dweight");
+    dweight.data[3] *= 1.0 + 1e-6;
+    let report = check_case::<f64>(&case).unwrap();
+    for name in ["dweight", "composed.dweight"] {
+        assert!(
+            report.errors.iter().any(|(n, e)| n == name && *e > 1e-8),
+            "{report}"
+        );
+    }
+    assert!(report.errors.iter().any(|(n, e)| n == "dx" && *e <= 1e-12));
+    // In f32 only the fused node is compared (the composition's f32 statistics lose digits).
+    let report = check_case::<f32>(&case).unwrap();
+    assert!(
+        report.errors.iter().all(|(n, _)| !n.starts_with("composed.")),
+        "{report}"
+    );
+    assert!(
+        report.errors.iter().any(|(n, e)| n == "dweight" && *e > 1e-7),
+        "{report}"
+    );
 }
 
 #[test]
@@ -151,14 +222,14 @@ fn malformed_files_get_clear_errors() {
     );
     assert_eq!(
         format_problem(r#"{"cases": [{"name": "b", "kind": "test", "eps": 1e-5}]}"#),
-        "cases[0] (\"b\").kind: expected \"train\", \"sequence\", \"conv2d\", \"max_pool2d\" or \
-         \"avg_pool2d\", got \"test\""
+        "cases[0] (\"b\").kind: expected \"train\", \"sequence\", \"conv2d\", \"max_pool2d\", \
+         \"avg_pool2d\", \"layer_norm\" or \"group_norm\", got \"test\""
     );
     // A kind that is not a string said "got None".
     assert_eq!(
         format_problem(r#"{"cases": [{"name": "c", "kind": 7, "eps": 1e-5}]}"#),
-        "cases[0] (\"c\").kind: expected \"train\", \"sequence\", \"conv2d\", \"max_pool2d\" or \
-         \"avg_pool2d\", got 7"
+        "cases[0] (\"c\").kind: expected \"train\", \"sequence\", \"conv2d\", \"max_pool2d\", \
+         \"avg_pool2d\", \"layer_norm\" or \"group_norm\", got 7"
     );
     // Take a real case and break one array.
     let text = std::fs::read_to_string(GOLDEN).unwrap();

@@ -13,6 +13,7 @@ use layers::{
     batch_norm, batch_norm_composed, batchnorm_backward, batchnorm_forward, conv2d, conv2d_composed, dropout,
     dropout_composed, max_pool2d, max_pool2d_composed, softmax_cross_entropy, softmax_cross_entropy_composed,
 };
+use layers::{GroupNorm, LayerNorm, group_norm, group_norm_composed, layer_norm, layer_norm_composed};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -172,6 +173,12 @@ proptest! {
             outputs.extend(dropout_composed(x, p, &mut rng).ok());
             outputs.extend(x.unfold(window).ok());
             outputs.extend(x.flatten().ok());
+            for (weight, bias) in [(None, None), (Some(w), Some(b)), (Some(b), None)] {
+                outputs.extend(layer_norm(x, &w_shape, weight, bias, p).ok());
+                outputs.extend(layer_norm_composed(x, &w_shape, weight, bias, p).ok());
+                outputs.extend(group_norm(x, groups, weight, bias, p).ok());
+                outputs.extend(group_norm_composed(x, groups, weight, bias, p).ok());
+            }
             for output in outputs {
                 let _ = output.backward_with(array(&output.shape(), &values));
                 let _ = output.backward_with(array(&x_shape, &values));
@@ -183,6 +190,8 @@ proptest! {
                 Box::new(Flatten),
             ];
             layers.extend(Dropout::new(p, 0).ok().map(|d| Box::new(d) as _));
+            layers.extend(LayerNorm::with_options(&w_shape, p, true).ok().map(|l| Box::new(l) as _));
+            layers.extend(GroupNorm::with_options(groups, channels(1), p, false).ok().map(|g| Box::new(g) as _));
             layers.extend(
                 Conv2d::with_options(channels(1), channels(0), kernel, options, true, &mut rng)
                     .ok()
@@ -288,7 +297,7 @@ proptest! {
         ),
     ) {
         // A real file with the shape of one of its arrays replaced.
-        let text = FILES[occurrence % 2];
+        let text = FILES[occurrence % FILES.len()];
         let starts: Vec<usize> = text.match_indices("\"shape\": [").map(|(i, m)| i + m.len()).collect();
         let start = starts[occurrence % starts.len()];
         let end = start + text[start..].find(']').unwrap();
@@ -306,7 +315,7 @@ proptest! {
         ]),
     ) {
         // A real file with up to 40 bytes cut out somewhere and something else put in.
-        let text = FILES[at.index(2)];
+        let text = FILES[at.index(FILES.len())];
         let start = floor_boundary(text, at.index(text.len()));
         let end = floor_boundary(text, (start + cut).min(text.len()));
         let mutated = format!("{}{insert}{}", &text[..start], &text[end..]);
@@ -315,9 +324,10 @@ proptest! {
 }
 
 /// The golden files, each of its own kinds.
-const FILES: [&str; 2] = [
+const FILES: [&str; 3] = [
     include_str!("data/pytorch_batchnorm.json"),
     include_str!("data/pytorch_conv_pool.json"),
+    include_str!("data/pytorch_layer_group_norm.json"),
 ];
 
 /// Parses a golden file and checks every case it accepts, in f64 and in f32.

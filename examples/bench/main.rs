@@ -28,6 +28,7 @@
 
 mod batch_norm;
 mod conv;
+mod norm;
 
 // Every pass allocates and frees input-sized arrays. The system allocator returns them to the
 // OS, so each new one pays a page fault per 4 KiB on first write (for large arrays more than the
@@ -59,6 +60,8 @@ enum Op {
     BatchNorm,
     Conv2d,
     MaxPool2d,
+    LayerNorm,
+    GroupNorm,
 }
 
 /// Benchmark fused vs composed forward + backward: BatchNorm, conv2d and max_pool2d.
@@ -182,7 +185,13 @@ pub(crate) fn normal<T: Element>(shape: &[usize], rng: &mut StdRng) -> ArrayD<T>
 fn main() {
     let args = Args::parse();
     let ops = if args.op.is_empty() {
-        vec![Op::BatchNorm, Op::Conv2d, Op::MaxPool2d]
+        vec![
+            Op::BatchNorm,
+            Op::Conv2d,
+            Op::MaxPool2d,
+            Op::LayerNorm,
+            Op::GroupNorm,
+        ]
     } else {
         args.op.clone()
     };
@@ -272,6 +281,22 @@ fn main() {
                     .map(|&shape| match dtype {
                         Dtype::F32 => conv::pool_case::<f32>(shape, budget),
                         Dtype::F64 => conv::pool_case::<f64>(shape, budget),
+                    })
+                    .for_each(|line| println!("{line}")),
+                Op::LayerNorm => norm::LAYER_NORM
+                    .iter()
+                    .filter(|shape| asked(&shape[..]))
+                    .map(|shape| match dtype {
+                        Dtype::F32 => norm::case::<f32>(norm::Norm::Layer, shape, budget),
+                        Dtype::F64 => norm::case::<f64>(norm::Norm::Layer, shape, budget),
+                    })
+                    .for_each(|line| println!("{line}")),
+                Op::GroupNorm => norm::GROUP_NORM
+                    .iter()
+                    .filter(|(shape, _)| asked(&shape[..]))
+                    .map(|&(shape, groups)| match dtype {
+                        Dtype::F32 => norm::case::<f32>(norm::Norm::Group(groups), &shape, budget),
+                        Dtype::F64 => norm::case::<f64>(norm::Norm::Group(groups), &shape, budget),
                     })
                     .for_each(|line| println!("{line}")),
             }

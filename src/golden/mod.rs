@@ -1,8 +1,8 @@
 //! Reading and checking golden results made with PyTorch (the format of the files in
 //! `tests/data/`, described in its README): every case is recomputed with this project's code in
 //! `f32` or `f64` and compared with the file. The kinds are BatchNorm's `train` and `sequence`
-//! ([`TrainCase`], [`SequenceCase`]) and `conv2d`, `max_pool2d` and `avg_pool2d` ([`ConvCase`],
-//! [`PoolCase`]).
+//! ([`TrainCase`], [`SequenceCase`]), `conv2d`, `max_pool2d` and `avg_pool2d` ([`ConvCase`],
+//! [`PoolCase`]), and `layer_norm` and `group_norm` ([`NormCase`]).
 //!
 //! Each comparison is a relative error: the largest absolute difference divided by the largest
 //! absolute reference value (the absolute difference where the reference is all zeros).
@@ -12,6 +12,7 @@ use std::path::Path;
 
 mod batch_norm;
 mod conv;
+mod norm;
 
 use ndarray::{Array1, ArrayD, IxDyn};
 use serde_json::Value;
@@ -19,6 +20,7 @@ use tape::Element;
 
 pub use self::batch_norm::{SequenceCase, Step, TrainCase};
 pub use self::conv::{ConvCase, PoolCase};
+pub use self::norm::{NormCase, Normalized};
 
 /// Why a golden file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,8 @@ pub enum CaseKind {
     Conv2d(ConvCase),
     /// A max or average pooling, forward and backward.
     Pool(PoolCase),
+    /// A LayerNorm or GroupNorm, forward and backward.
+    Norm(NormCase),
 }
 
 impl CaseKind {
@@ -98,12 +102,14 @@ impl CaseKind {
             CaseKind::Sequence(_) => "sequence",
             CaseKind::Conv2d(_) => "conv2d",
             CaseKind::Pool(pool) => pool.kind_name(),
+            CaseKind::Norm(norm) => norm.kind_name(),
         }
     }
 }
 
 /// The kinds a file may hold.
-const KINDS: &str = "\"train\", \"sequence\", \"conv2d\", \"max_pool2d\" or \"avg_pool2d\"";
+const KINDS: &str =
+    "\"train\", \"sequence\", \"conv2d\", \"max_pool2d\", \"avg_pool2d\", \"layer_norm\" or \"group_norm\"";
 
 /// One case of the file.
 #[derive(Debug, Clone)]
@@ -305,6 +311,9 @@ fn parse_case(index: usize, value: &Value) -> Result<Case, GoldenError> {
         Some(kind @ ("max_pool2d" | "avg_pool2d")) => {
             CaseKind::Pool(conv::parse_pool(&case, kind == "max_pool2d")?)
         }
+        Some(kind @ ("layer_norm" | "group_norm")) => {
+            CaseKind::Norm(norm::parse_norm(&case, kind == "layer_norm")?)
+        }
         _ => {
             return Err(format_error(
                 format!("{}.kind", case.at),
@@ -341,8 +350,8 @@ pub fn relative_error<T: Element>(ours: &ArrayD<T>, reference: &Tensor) -> f64 {
 
 /// Recomputes a case in `T` and compares every result. BatchNorm's training calls run through the
 /// functional API (results prefixed `fn.`) and through the layer on a tape; sequences through the
-/// layer; convolutions and poolings through the fused node and through its composition from tape
-/// primitives (results prefixed `composed.`).
+/// layer; convolutions, poolings and the normalizations through the fused node and through its
+/// composition from tape primitives (results prefixed `composed.`).
 ///
 /// # Errors
 /// [`GoldenError::Layer`] when this project rejects the case's inputs.
@@ -356,6 +365,7 @@ pub fn check_case<T: Element>(case: &Case) -> Result<CaseReport, GoldenError> {
         CaseKind::Sequence(sequence) => batch_norm::check_sequence::<T>(sequence),
         CaseKind::Conv2d(conv) => conv::check_conv::<T>(conv),
         CaseKind::Pool(pool) => conv::check_pool::<T>(pool),
+        CaseKind::Norm(norm) => norm::check_norm::<T>(norm),
     }
     .map_err(layer_error)?;
     Ok(CaseReport {

@@ -6,6 +6,9 @@
 //! - [`batch_norm()`]: one fused node on a [`Tape`](tape::Tape), with a hand-written backward;
 //!   [`batch_norm_composed`]: the same from tape primitives, to check it against.
 //! - [`BatchNorm`]: the layer, with running statistics and PyTorch's semantics.
+//! - [`layer_norm()`] and [`group_norm()`]: LayerNorm and GroupNorm (InstanceNorm with one group
+//!   per channel), each one fused node beside its composition, and the [`LayerNorm`] and
+//!   [`GroupNorm`] layers.
 //! - For conv nets, each op one fused node with a hand-written backward beside its composition
 //!   from primitives: [`conv2d()`] and the [`Conv2d`] layer, [`max_pool2d`] / [`avg_pool2d`] and
 //!   the [`MaxPool2d`] / [`AvgPool2d`] layers, [`dropout()`] and the [`Dropout`] layer, and
@@ -18,8 +21,8 @@
 //!   safetensors files ([`Module::save_safetensors`], [`files`]) that PyTorch reads and writes,
 //!   with checkpoints of a model and its optimizer ([`files::save_checkpoint`]).
 //!
-//! See the [`batch_norm`](mod@batch_norm), [`conv`], [`pool`] and [`dropout`](mod@dropout)
-//! modules for the derivations and the conventions.
+//! See the [`batch_norm`](mod@batch_norm), [`norm`], [`conv`], [`pool`] and
+//! [`dropout`](mod@dropout) modules for the derivations and the conventions.
 //!
 //! # Using it from your crate
 //! `use layers::prelude::*` brings the types of a training loop into scope. This crate
@@ -65,6 +68,7 @@ mod linear;
 mod loss;
 pub mod lr_schedule;
 mod module;
+pub mod norm;
 pub mod optim;
 mod param;
 pub mod pool;
@@ -77,6 +81,7 @@ pub use flatten::Flatten;
 pub use linear::Linear;
 pub use loss::{accuracy, softmax_cross_entropy, softmax_cross_entropy_composed};
 pub use module::{Mode, Module, Sequential, StateDict};
+pub use norm::{GroupNorm, LayerNorm, group_norm, group_norm_composed, layer_norm, layer_norm_composed};
 pub use optim::{Adam, AdamW, Optimizer, Sgd};
 
 pub use batch_norm::{
@@ -100,8 +105,8 @@ pub mod prelude {
     pub use tape::{GradCheck, Gradients, Tape, Var, check_gradients};
 
     pub use crate::{
-        Activation, Adam, AdamW, AvgPool2d, BatchNorm, Conv2d, Conv2dOptions, Dropout, Flatten, Linear,
-        MaxPool2d, Mode, Module, Optimizer, Sequential, Sgd, Window2d, accuracy, batch_norm,
-        softmax_cross_entropy,
+        Activation, Adam, AdamW, AvgPool2d, BatchNorm, Conv2d, Conv2dOptions, Dropout, Flatten, GroupNorm,
+        LayerNorm, Linear, MaxPool2d, Mode, Module, Optimizer, Sequential, Sgd, Window2d, accuracy,
+        batch_norm, softmax_cross_entropy,
     };
 }

@@ -66,7 +66,7 @@
 //! with `momentum = 0.1`, or the cumulative average `momentum = 1 / num_batches_tracked` when
 //! it is `None`. Running statistics start at 0 (mean) and 1 (variance).
 
-mod kernel;
+pub(crate) mod kernel;
 mod layer;
 mod node;
 

@@ -36,8 +36,8 @@ use self::grad_sums::{channel_grad_sums, grad_sums_row_major};
 use self::input_grad::{
     ChannelCoefficients, InputGradCoefficients, channel_input_grad, input_grad_row_major,
 };
-pub(crate) use self::stats::{Stats, inv_std};
-use self::stats::{channel_stats, stats_row_major};
+use self::stats::stats_row_major;
+pub(crate) use self::stats::{Stats, channel_stats, inv_std};
 use crate::schedule::{Rows, collect_by_group, map_groups, on_pool};
 
 /// The `(N, C, S)` view of an input of shape `(N, C, *spatial)`.
