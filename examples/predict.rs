@@ -124,7 +124,7 @@ fn run(args: &Args) -> Result<(), String> {
         }
         _ => x,
     };
-    let tape = Tape::new();
+    let tape = Tape::no_grad();
     let logits = net
         .forward(tape.constant(x), Mode::Eval)
         .map_err(|e| format!("the input does not fit a {arch} net: {e}"))?

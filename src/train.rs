@@ -154,7 +154,7 @@ fn as_f32(data: &Dataset) -> ndarray::Array2<f32> {
 /// # Errors
 /// A layer error (only on inconsistent shapes).
 pub fn evaluate(model: Model, net: &mut Sequential<f32>, test: &Dataset) -> layers::Result<f64> {
-    let tape = Tape::new();
+    let tape = Tape::no_grad(); // evaluation: nothing kept for backward
     let logits = net.forward(tape.constant(model.input(as_f32(test))), Mode::Eval)?;
     accuracy(&logits.value(), test.labels())
 }

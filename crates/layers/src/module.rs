@@ -242,6 +242,40 @@ impl<T: Element> Sequential<T> {
     pub fn arch(&self) -> Option<&str> {
         self.arch.as_deref()
     }
+
+    /// The output of every layer in order (the last is the net's output), for reading the
+    /// gradients of intermediate values after backward: each is a `Var` on the same tape, and
+    /// [`Gradients::get`](tape::Gradients::get) gives its gradient.
+    ///
+    /// # Errors
+    /// As [`Module::forward`]: the first layer's error, with nothing after it run.
+    ///
+    /// # Example
+    /// ```
+    /// use layers::prelude::*;
+    ///
+    /// let mut rng = StdRng::seed_from_u64(0);
+    /// let mut net = Sequential::<f64>::new()
+    ///     .push(Linear::new(3, 4, &mut rng))
+    ///     .push(Activation::Relu)
+    ///     .push(Linear::new(4, 2, &mut rng));
+    /// let tape = Tape::new();
+    /// let outputs = net.forward_each(tape.constant(array![[1.0, -2.0, 0.5]]), Mode::Train)?;
+    /// let loss = softmax_cross_entropy(outputs[2], &[1])?;
+    /// let grads = loss.backward()?;
+    /// // The gradient of the loss with respect to the hidden activations (after the ReLU).
+    /// assert_eq!(grads.get(outputs[1]).unwrap().shape(), &[1, 4]);
+    /// # Ok::<(), layers::Error>(())
+    /// ```
+    pub fn forward_each<'t>(&mut self, x: Var<'t, T>, mode: Mode) -> Result<Vec<Var<'t, T>>> {
+        let mut outputs = Vec::with_capacity(self.layers.len());
+        let mut current = x;
+        for layer in &mut self.layers {
+            current = layer.forward(current, mode)?;
+            outputs.push(current);
+        }
+        Ok(outputs)
+    }
 }
 
 impl<T: Element> Module<T> for Sequential<T> {

@@ -101,6 +101,12 @@ pub enum TapeError {
         /// Shape of the output backward was called on.
         shape: Vec<usize>,
     },
+    /// `backward` on a tape made with [`Tape::no_grad`](crate::Tape::no_grad), which records
+    /// no graph.
+    #[error(
+        "backward on a tape made with Tape::no_grad(), which records no graph; use Tape::new() to compute gradients"
+    )]
+    NotRecorded,
     /// A variable has no gradient because the output does not depend on it.
     #[error(
         "Var #{index} has no gradient: the output backward started from does not depend on it, or it is a constant"

@@ -57,6 +57,8 @@ struct Node<T: Element> {
 pub struct Tape<T: Element> {
     id: u64,
     nodes: RefCell<Vec<Node<T>>>,
+    /// False for [`Tape::no_grad`]: ops keep their results, not themselves.
+    records: bool,
 }
 
 impl<T: Element> Default for Tape<T> {
@@ -71,6 +73,7 @@ impl<T: Element> fmt::Debug for Tape<T> {
             .field("id", &self.id)
             .field("dtype", &T::NAME)
             .field("nodes", &self.len())
+            .field("records", &self.records)
             .finish()
     }
 }
@@ -81,7 +84,38 @@ impl<T: Element> Tape<T> {
         Tape {
             id: NEXT_TAPE_ID.fetch_add(1, Ordering::Relaxed),
             nodes: RefCell::new(Vec::new()),
+            records: true,
         }
+    }
+
+    /// An empty tape for evaluation only (PyTorch's `torch.no_grad()`): every op runs and its
+    /// result can be read, but nothing is kept for backward: no op, none of an op's saved state
+    /// (a fused node's statistics, say), no gradient flags. [`saved_bytes`](Tape::saved_bytes)
+    /// stays 0, and [`backward`](Tape::backward) is an error. For inference and metrics.
+    ///
+    /// # Example
+    /// ```
+    /// use ndarray::array;
+    /// use tape::Tape;
+    ///
+    /// let tape = Tape::no_grad();
+    /// let w = tape.var(array![[1.0, 2.0], [3.0, 4.0]]);
+    /// let y = tape.constant(array![[1.0, 0.0]]).matmul(w)?.tanh();
+    /// assert_eq!(y.value()[[0, 1]], 2.0f64.tanh());
+    /// assert_eq!(tape.saved_bytes(), 0);
+    /// assert!(y.sum().backward().is_err());
+    /// # Ok::<(), tape::TapeError>(())
+    /// ```
+    pub fn no_grad() -> Self {
+        Tape {
+            records: false,
+            ..Self::new()
+        }
+    }
+
+    /// False for a tape made with [`Tape::no_grad`].
+    pub fn records(&self) -> bool {
+        self.records
     }
 
     /// Number of nodes recorded so far.
@@ -97,7 +131,7 @@ impl<T: Element> Tape<T> {
     /// A trainable leaf: [`backward`](Tape::backward) computes its gradient.
     /// Accepts an array of any dimension (`Array1`, `Array2`, `ArrayD`, ...).
     pub fn var<D: Dimension>(&self, value: Array<T, D>) -> Var<'_, T> {
-        self.push(value.into_dyn(), NodeKind::Variable, true)
+        self.push(value.into_dyn(), NodeKind::Variable, self.records)
     }
 
     /// A constant leaf: it takes part in the computation but gets no gradient.
@@ -148,6 +182,10 @@ impl<T: Element> Tape<T> {
         };
         let views: Vec<ArrayViewD<'_, T>> = values.iter().map(|value| value.view()).collect();
         let output = op.forward(&views)?;
+        if !self.records {
+            // The op and whatever it saved for backward are dropped here.
+            return Ok(self.push(output, NodeKind::Constant, false));
+        }
         let kind = NodeKind::Op {
             op: Rc::new(op),
             inputs: indices,
@@ -203,7 +241,8 @@ impl<T: Element> Tape<T> {
     ///
     /// # Errors
     /// [`TapeError::GradientShape`] if `grad_output` does not have `output`'s shape,
-    /// [`TapeError::ForeignVar`], or an error from an op's backward.
+    /// [`TapeError::ForeignVar`], [`TapeError::NotRecorded`] on a [`Tape::no_grad`], or an
+    /// error from an op's backward.
     pub fn backward_with<D: Dimension>(
         &self,
         output: Var<'_, T>,
@@ -213,6 +252,9 @@ impl<T: Element> Tape<T> {
             return Err(TapeError::ForeignVar {
                 op: "backward_with".into(),
             });
+        }
+        if !self.records {
+            return Err(TapeError::NotRecorded);
         }
         let grad_output = grad_output.into_dyn();
         let (shape, output_requires_grad) = {
@@ -290,10 +332,7 @@ impl<T: Element> Tape<T> {
                 accumulate(&mut grads[input], input_grad);
             }
         }
-        Ok(Gradients {
-            tape_id: self.id,
-            grads,
-        })
+        Ok(Gradients::new(self.id, grads))
     }
 
     fn shape_of(&self, var: Var<'_, T>, op: &'static str) -> Result<Vec<usize>> {
@@ -322,14 +361,6 @@ fn accumulate<T: Element>(slot: &mut Option<ArrayD<T>>, grad: ArrayD<T>) {
         Some(existing) => Zip::from(existing).and(&grad).for_each(|e, &g| *e = *e + g),
         None => *slot = Some(grad),
     }
-}
-
-/// A `Var`'s identity without the borrow of its tape: which tape, which node. Layers keep it to
-/// find their parameters' gradients after backward ([`Gradients::get_id`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct VarId {
-    tape: u64,
-    index: usize,
 }
 
 /// A handle to a value on a [`Tape`]: cheap to copy, combined with `+ - * /`, unary `-` and the
@@ -450,69 +481,9 @@ impl<'t, T: Element> Var<'t, T> {
     }
 }
 
-/// The gradients computed by one backward pass, read per [`Var`].
-///
-/// Every node that the output depends on and that depends on a trainable variable has a
-/// gradient: leaves and intermediate results alike (so a learner can inspect each step).
-#[derive(Debug, Clone)]
-pub struct Gradients<T: Element> {
-    tape_id: u64,
-    grads: Vec<Option<ArrayD<T>>>,
-}
+mod gradients;
 
-impl<T: Element> Gradients<T> {
-    /// The gradient of the output with respect to `var`, or `None` when it has none (a constant,
-    /// a value the output does not depend on, or a `Var` of another tape).
-    pub fn get(&self, var: Var<'_, T>) -> Option<&ArrayD<T>> {
-        if var.tape.id() != self.tape_id {
-            return None;
-        }
-        self.grads.get(var.index).and_then(Option::as_ref)
-    }
-
-    /// The gradient with respect to `var`.
-    ///
-    /// # Errors
-    /// [`TapeError::ForeignVar`] for a `Var` of another tape, [`TapeError::NoGradient`] when
-    /// it has none.
-    pub fn wrt(&self, var: Var<'_, T>) -> Result<&ArrayD<T>> {
-        if var.tape.id() != self.tape_id {
-            return Err(TapeError::ForeignVar {
-                op: "Gradients::wrt".into(),
-            });
-        }
-        self.get(var).ok_or(TapeError::NoGradient { index: var.index })
-    }
-
-    /// Whether the variable with this identity is on the tape these gradients come from.
-    pub fn is_from(&self, id: VarId) -> bool {
-        id.tape == self.tape_id
-    }
-
-    /// The gradient of the variable with this identity; see [`get`](Gradients::get).
-    pub fn get_id(&self, id: VarId) -> Option<&ArrayD<T>> {
-        if id.tape != self.tape_id {
-            return None;
-        }
-        self.grads.get(id.index).and_then(Option::as_ref)
-    }
-
-    /// The gradient of the variable with this identity, to change in place (to clip it, say).
-    pub fn get_id_mut(&mut self, id: VarId) -> Option<&mut ArrayD<T>> {
-        if id.tape != self.tape_id {
-            return None;
-        }
-        self.grads.get_mut(id.index).and_then(Option::as_mut)
-    }
-
-    /// Takes the gradient out (no copy), leaving `None`; for optimizers.
-    pub fn take(&mut self, var: Var<'_, T>) -> Option<ArrayD<T>> {
-        if var.tape.id() != self.tape_id {
-            return None;
-        }
-        self.grads.get_mut(var.index).and_then(Option::take)
-    }
-}
+pub use self::gradients::{Gradients, VarId};
 
 #[cfg(test)]
 mod tests;

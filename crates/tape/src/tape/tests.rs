@@ -184,3 +184,31 @@ fn the_graph_draws_in_dot() {
         assert!(dot.contains(needle), "{needle} missing from\n{dot}");
     }
 }
+
+#[test]
+fn a_no_grad_tape_computes_the_same_values_and_keeps_nothing_for_backward() {
+    let run = |tape: &Tape<f64>| {
+        let w = tape.var(array![[0.5, -1.0], [2.0, 0.25]]);
+        let x = tape.constant(array![[1.0, 2.0], [3.0, -4.0]]);
+        let y = x.matmul(w).unwrap().tanh() * w;
+        (
+            y.value().as_ref().clone(),
+            tape.saved_bytes(),
+            y.requires_grad(),
+            y.sum().backward(),
+        )
+    };
+    let (recorded, saved, requires_grad, grads) = run(&Tape::new());
+    assert!(saved > 0 && requires_grad && grads.is_ok());
+    let tape = Tape::no_grad();
+    assert!(!tape.records());
+    let (value, saved, requires_grad, grads) = run(&tape);
+    assert_eq!(value, recorded);
+    assert_eq!(saved, 0);
+    assert!(!requires_grad);
+    assert!(matches!(grads, Err(TapeError::NotRecorded)));
+    assert_eq!(
+        TapeError::NotRecorded.to_string(),
+        "backward on a tape made with Tape::no_grad(), which records no graph; use Tape::new() to compute gradients"
+    );
+}
