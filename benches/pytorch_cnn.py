@@ -101,7 +101,7 @@ def main():
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data", default=str(ROOT / "data" / "digits.csv.gz"))
+    parser.add_argument("--data", default=str(ROOT / "crates" / "layers" / "data" / "digits.csv.gz"))
     parser.add_argument("--ours", help="the Rust job's summary.json, for ours / PyTorch")
     args = parser.parse_args()
 

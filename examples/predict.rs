@@ -21,12 +21,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use bnorm::digits::{self, Standardizer};
 use bnorm::golden;
 use bnorm::layers::{Mode, Module, Sequential, accuracy, files};
 use bnorm::models::Model;
 use bnorm::tape::Tape;
 use clap::{Parser, ValueEnum};
+use layers::datasets::digits::{self, Standardizer};
 use ndarray::ArrayD;
 use serde_json::{Value, json};
 
@@ -56,9 +56,10 @@ struct Args {
     /// Seed of the digits split [default: the file's metadata, else 0].
     #[arg(long)]
     seed: Option<u64>,
-    /// The digits data (gzipped CSV, see data/README.md).
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz"))]
-    data: PathBuf,
+    /// A gzipped CSV of digits, 64 pixels then the label per line [default: the digits bundled
+    /// in the layers crate].
+    #[arg(long)]
+    data: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -99,7 +100,10 @@ fn run(args: &Args) -> Result<(), String> {
     let (x, labels) = match &args.input {
         Some(path) => read_input(path)?,
         None => {
-            let data = digits::load(&args.data).map_err(|e| format!("--data: {e}"))?;
+            let data = match &args.data {
+                Some(path) => digits::load(path).map_err(|e| format!("--data: {e}"))?,
+                None => digits::load_bundled().map_err(|e| e.to_string())?,
+            };
             let seed = match (args.seed, metadata.get("seed")) {
                 (Some(seed), _) => seed,
                 (None, Some(seed)) => seed

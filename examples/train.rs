@@ -20,12 +20,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::error::Error;
 use std::path::{Path, PathBuf};
 
-use bnorm::digits::{self, Standardizer};
 use bnorm::layers::Module;
 use bnorm::models::Model;
 use bnorm::train::{self, RunConfig, RunResult};
 use clap::{Parser, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use layers::datasets::digits::{self, Standardizer};
 use plotters::prelude::*;
 
 /// Which nets to train.
@@ -68,9 +68,10 @@ struct Args {
     /// Folder for accuracy.png, accuracy.svg and summary.json.
     #[arg(long, default_value = "out")]
     out: PathBuf,
-    /// The digits data (gzipped CSV, see data/README.md).
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz"))]
-    data: PathBuf,
+    /// A gzipped CSV of digits, 64 pixels then the label per line [default: the digits bundled
+    /// in the layers crate].
+    #[arg(long)]
+    data: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -131,7 +132,10 @@ fn check(args: &Args) -> Result<(), String> {
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
-    let data = digits::load(&args.data).map_err(|e| format!("--data: {e}"))?;
+    let data = match &args.data {
+        Some(path) => digits::load(path).map_err(|e| format!("--data: {e}"))?,
+        None => digits::load_bundled()?,
+    };
     let (train_raw, test_raw) = digits::split(&data, 0.2, args.seed)?;
     if args.batch_size > train_raw.len() {
         return Err(Failure::Flag(format!(

@@ -2,7 +2,6 @@
 //! Normalization node ([`layers`]). This root package re-exports both and owns the examples
 //! and the cross-crate tests.
 
-pub mod digits;
 pub mod golden;
 pub mod models;
 pub mod train;

@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tape::Element;
 
-use crate::digits::{CLASSES, FEATURES};
+use layers::datasets::digits::{CLASSES, FEATURES};
 
 /// Hidden units per layer of the MLP.
 pub const HIDDEN: usize = 100;

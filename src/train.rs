@@ -11,8 +11,8 @@ use layers::{Mode, Module, Optimizer, Sequential, Sgd, StateDict, accuracy, soft
 use ndarray::Ix2;
 use tape::Tape;
 
-use crate::digits::Dataset;
 use crate::models::Model;
+use layers::datasets::digits::Dataset;
 
 /// Why a run could not be made or finished.
 #[derive(Debug, thiserror::Error)]
@@ -262,10 +262,10 @@ pub fn summary_json(results: &[RunResult]) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digits;
+    use layers::datasets::digits;
 
     fn data() -> (Dataset, Dataset) {
-        let data = digits::load(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz")).unwrap();
+        let data = digits::load_bundled().unwrap();
         let (train, test) = digits::split(&data, 0.2, 0).unwrap();
         let scaler = digits::Standardizer::fit(&train);
         (scaler.apply(&train), scaler.apply(&test))

@@ -16,7 +16,8 @@
 //! - For small nets: [`Linear`], [`Activation`], [`Sequential`] (all [`Module`]s), the fused
 //!   [`softmax_cross_entropy`] loss, the [`Sgd`], [`Adam`] and [`AdamW`] optimizers (weight
 //!   decay, gradient clipping in [`optim`]), learning-rate schedules ([`lr_schedule`]) and
-//!   mini-batches ([`data::DataLoader`]).
+//!   mini-batches ([`data::DataLoader`]) of in-memory data such as the bundled handwritten
+//!   digits ([`datasets::digits`]).
 //! - State under PyTorch's names ([`Module::state_dict`], [`Module::load_state_dict`]) and
 //!   safetensors files ([`Module::save_safetensors`], [`files`]) that PyTorch reads and writes,
 //!   with checkpoints of a model and its optimizer ([`files::save_checkpoint`]).
@@ -60,6 +61,7 @@ mod activation;
 pub mod batch_norm;
 pub mod conv;
 pub mod data;
+pub mod datasets;
 pub mod dropout;
 mod error;
 pub mod files;

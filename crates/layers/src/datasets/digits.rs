@@ -1,5 +1,26 @@
-//! The handwritten digits data (`data/digits.csv.gz`, see `data/README.md`): loading, a seeded
-//! train/test split, and standardisation fitted on the training split only.
+//! The handwritten digits (the UCI "Optical Recognition of Handwritten Digits" set, by E.
+//! Alpaydin and C. Kaynak, 1998, CC BY 4.0: the 1,797 images scikit-learn ships as
+//! `load_digits`), bundled in this crate: [`load_bundled`] needs no file and no network. Each
+//! image is 8 × 8 pixels in 0..=16 with its digit 0..9. Also here: a seeded train/test
+//! [`split`], and a [`Standardizer`] fitted on the training split only.
+//!
+//! # Example: a split, standardised, in mini-batches
+//! ```
+//! use layers::data::DataLoader;
+//! use layers::datasets::digits::{self, Standardizer};
+//!
+//! let data = digits::load_bundled()?;
+//! assert_eq!((data.len(), data.features().ncols()), (1797, 64));
+//! let (train, test) = digits::split(&data, 0.2, 0)?;
+//! let scaler = Standardizer::fit(&train);
+//! let (train, test) = (scaler.apply(&train), scaler.apply(&test));
+//! let mut loader = DataLoader::new(train.features().mapv(|v| v as f32).into_dyn(), train.labels().to_vec(), 64)?
+//!     .shuffled(1);
+//! let batch = loader.epoch().next().unwrap();
+//! assert_eq!(batch.x.shape(), &[64, 64]);
+//! assert_eq!(test.len(), 359); // 20% of 1,797
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -138,7 +159,26 @@ impl Dataset {
     }
 }
 
-/// Reads a gzipped CSV of digits (64 pixels then the label per line).
+/// The gzipped CSV bundled in this crate (`data/digits.csv.gz`, credit in `data/README.md`).
+const BUNDLED: &[u8] = include_bytes!("../../data/digits.csv.gz");
+
+/// The 1,797 bundled images and labels.
+///
+/// # Errors
+/// None in practice: the bundled file is checked by this crate's tests; the `Result` is that
+/// of [`parse`].
+pub fn load_bundled() -> Result<Dataset, DataError> {
+    let mut text = String::new();
+    GzDecoder::new(BUNDLED)
+        .read_to_string(&mut text)
+        .map_err(|source| DataError::Io {
+            path: "the bundled digits".into(),
+            source,
+        })?;
+    parse(BufReader::new(text.as_bytes()))
+}
+
+/// Reads a gzipped CSV of digits (64 pixels then the label per line) from a file.
 ///
 /// # Errors
 /// [`DataError::Io`] when the file cannot be read, [`DataError::Line`] naming the first bad line.
@@ -270,6 +310,19 @@ impl Standardizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bundled_digits_are_the_file() {
+        let data = load_bundled().unwrap();
+        assert_eq!((data.len(), data.features().ncols()), (1797, FEATURES));
+        for digit in 0..CLASSES {
+            let count = data.labels().iter().filter(|&&l| l == digit).count();
+            assert!((174..=183).contains(&count), "digit {digit}: {count} images");
+        }
+        let file = load(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz")).unwrap();
+        assert_eq!(file, data);
+        assert!(matches!(load("no/such/file.csv.gz"), Err(DataError::Io { .. })));
+    }
 
     fn line(label: usize) -> String {
         let pixels: Vec<String> = (0..FEATURES).map(|i| (i % 17).to_string()).collect();
