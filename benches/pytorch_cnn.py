@@ -3,7 +3,9 @@
 
 The same net (Conv2d(1,16,3,padding=1) -> [BatchNorm2d(16)] -> ReLU -> Conv2d(16,32,3,padding=1)
 -> [BatchNorm2d(32)] -> ReLU -> MaxPool2d(2) -> Flatten -> Linear(512,10)), float32, SGD with
-momentum 0.9, the same batch size, steps, learning rates and evaluation schedule (test accuracy
+momentum 0.9, the same batch size, steps, learning rates and their schedule (by default a
+linear warm-up then cosine annealing, PyTorch's LinearLR then CosineAnnealingLR), gradient
+clipping (`clip_grad_norm_`), evaluation schedule (test accuracy
 in eval mode at step 0, every `--eval-every` steps and after the last) on the digits split
 80/20 and standardised per pixel on the training split, as `cargo run --release --example
 train -- --model cnn` does. The split and the batch order come from NumPy's generator, not
@@ -47,6 +49,19 @@ def cnn(torch, batchnorm):
     return nn.Sequential(*layers)
 
 
+def learning_rate(lr, t, args):
+    """The rate of step t (from 0): the formulas of src/train.rs's schedules."""
+    import math
+
+    if args.schedule == "constant":
+        return lr
+    warmup = min(max(args.warmup, 1), args.steps)
+    if t < warmup:
+        return lr * (0.1 + 0.9 * t / warmup)
+    rest = max(args.steps - warmup, 1)
+    return 0.5 * lr * (1 + math.cos(math.pi * min(t - warmup, rest) / rest))
+
+
 def run(torch, np, data, batchnorm, lr, args):
     train_x, train_y, test_x, test_y = data
     torch.manual_seed(args.seed)
@@ -76,6 +91,10 @@ def run(torch, np, data, batchnorm, lr, args):
             break
         opt.zero_grad()
         loss.backward()
+        if args.clip_norm:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_norm)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(lr, step - 1, args)
         opt.step()
         if step % args.eval_every == 0 or step == args.steps:
             accuracy = evaluate()
@@ -98,6 +117,9 @@ def main():
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--high-lr", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=60)
+    parser.add_argument("--schedule", choices=["constant", "warmup-cosine"], default="warmup-cosine")
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--clip-norm", type=float, default=1.0, help="0: no clipping")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

@@ -34,8 +34,10 @@ use serde_json::{Value, json};
 enum Arch {
     Mlp,
     MlpBn,
+    MlpLn,
     Cnn,
     CnnBn,
+    CnnLn,
 }
 
 /// Evaluate a saved net (ours or PyTorch's) on the digits test split or on given inputs.
@@ -82,14 +84,14 @@ fn run(args: &Args) -> Result<(), String> {
         (None, Some(arch)) => arch.clone(),
         (None, None) => {
             return Err(format!(
-                "{} records no architecture (PyTorch's files do not); give --arch mlp, mlp-bn, cnn or cnn-bn",
+                "{} records no architecture (PyTorch's files do not); give --arch mlp, mlp-bn, mlp-ln, cnn, cnn-bn or cnn-ln",
                 args.model.display()
             ));
         }
     };
-    let (model, batchnorm) = Model::from_arch(&arch)
+    let (model, norm) = Model::from_arch(&arch)
         .ok_or_else(|| format!("unknown architecture {arch:?} in {}", args.model.display()))?;
-    let mut net: Sequential<f32> = model.build(batchnorm, 0);
+    let mut net: Sequential<f32> = model.build(norm, 0);
     net.load_state_dict(&dict, true).map_err(|e| {
         format!(
             "{} does not fit the {arch} architecture: {e}",

@@ -1,5 +1,6 @@
 //! The main job: train an MLP and a CNN on real handwritten digits, each with and without
-//! BatchNorm, at a normal and at a high learning rate, and show what BatchNorm changes.
+//! BatchNorm (and the MLP with LayerNorm in its place), at a normal and at a high learning rate,
+//! and show what the normalization changes.
 //!
 //! ```sh
 //! cargo run --release --example train                 # defaults finish in under a minute
@@ -10,7 +11,7 @@
 //! Prints a progress bar per run, then a table (test accuracy, steps to 90%, wall time), and
 //! writes to the output folder: `accuracy.png` and `accuracy.svg` (test accuracy against steps,
 //! a panel per model), `summary.json`, and each trained net as
-//! `<model>[-bn]-lr<rate>.safetensors` (load it with `examples/predict`, or in PyTorch).
+//! `<model>[-bn|-ln]-lr<rate>.safetensors` (load it with `examples/predict`, or in PyTorch).
 
 // Each step allocates and frees arrays; mimalloc reuses them (see examples/bench/main.rs).
 #[cfg(not(feature = "system-alloc"))]
@@ -21,8 +22,8 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use bnorm::layers::Module;
-use bnorm::models::Model;
-use bnorm::train::{self, RunConfig, RunResult};
+use bnorm::models::{Model, Norm};
+use bnorm::train::{self, RunConfig, RunResult, Schedule};
 use clap::{Parser, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use layers::datasets::digits::{self, Standardizer};
@@ -39,8 +40,17 @@ enum Models {
     All,
 }
 
+/// How the learning rate moves over a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ScheduleArg {
+    /// The same rate at every step.
+    Constant,
+    /// A linear warm-up (--warmup steps) from a tenth of the rate, then cosine annealing to 0.
+    WarmupCosine,
+}
+
 /// Train a 3 × 100 sigmoid MLP and a small CNN on handwritten digits, with and without
-/// BatchNorm.
+/// BatchNorm (and the MLP with LayerNorm).
 #[derive(Parser, Debug)]
 #[command(about, long_about = None, allow_negative_numbers = true)]
 struct Args {
@@ -59,6 +69,15 @@ struct Args {
     /// Images per mini-batch (60, as in the paper).
     #[arg(long, default_value_t = 60)]
     batch_size: usize,
+    /// Learning-rate schedule of every run (peak: --lr or --high-lr).
+    #[arg(long, value_enum, default_value = "warmup-cosine")]
+    schedule: ScheduleArg,
+    /// Warm-up steps of the warmup-cosine schedule (0: none).
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    /// Clip the gradients to this global L2 norm before each step (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    clip_norm: f64,
     /// Seed of the split, the initial weights and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -123,6 +142,12 @@ fn check(args: &Args) -> Result<(), String> {
             return Err(format!("{flag} must be a finite number > 0, got {value}"));
         }
     }
+    if !(args.clip_norm.is_finite() && args.clip_norm >= 0.0) {
+        return Err(format!(
+            "--clip-norm must be a finite number >= 0 (0: no clipping), got {}",
+            args.clip_norm
+        ));
+    }
     let out = &args.out;
     std::fs::create_dir_all(out).map_err(|e| format!("--out {}: cannot create it: {e}", out.display()))?;
     let probe = out.join(".train-write-check");
@@ -159,31 +184,46 @@ fn run(args: &Args) -> Result<(), Failure> {
         Models::All => vec![Model::Mlp, Model::Cnn],
     };
     for &model in &models {
-        println!("{model}: {}", model.build::<f32>(true, 0).describe());
+        println!("{model}: {}", model.build::<f32>(Norm::Batch, 0).describe());
     }
+    let schedule = match args.schedule {
+        ScheduleArg::Constant => Schedule::Constant,
+        ScheduleArg::WarmupCosine => Schedule::WarmupCosine { warmup: args.warmup },
+    };
+    let clip_norm = (args.clip_norm != 0.0).then_some(args.clip_norm);
+    println!(
+        "learning rate: {}{}",
+        match schedule {
+            Schedule::Constant => "constant".to_string(),
+            Schedule::WarmupCosine { warmup } => format!("{warmup} steps of warm-up, then cosine to 0"),
+        },
+        clip_norm.map_or(String::new(), |c| format!("; gradients clipped to norm {c}"))
+    );
 
     let configs: Vec<RunConfig> = models
         .iter()
         .flat_map(|&model| {
-            [
-                (args.lr, false),
-                (args.lr, true),
-                (args.high_lr, false),
-                (args.high_lr, true),
-            ]
-            .map(|(learning_rate, batchnorm)| RunConfig {
-                name: format!(
-                    "{model} {} lr={learning_rate}",
-                    if batchnorm { "BatchNorm" } else { "plain" }
-                ),
-                model,
-                batchnorm,
-                learning_rate,
-                steps: args.steps,
-                batch_size: args.batch_size,
-                seed: args.seed,
-                eval_every: args.eval_every,
-            })
+            // The MLP also runs with LayerNorm in BatchNorm's place.
+            let norms: &[Norm] = match model {
+                Model::Mlp => &[Norm::None, Norm::Batch, Norm::Layer],
+                Model::Cnn => &[Norm::None, Norm::Batch],
+            };
+            [args.lr, args.high_lr]
+                .into_iter()
+                .flat_map(|learning_rate| norms.iter().map(move |&norm| (learning_rate, norm)))
+                .map(move |(learning_rate, norm)| RunConfig {
+                    name: format!("{model} {} lr={learning_rate}", norm.label()),
+                    model,
+                    norm,
+                    learning_rate,
+                    schedule,
+                    clip_norm,
+                    steps: args.steps,
+                    batch_size: args.batch_size,
+                    seed: args.seed,
+                    eval_every: args.eval_every,
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
 
@@ -254,10 +294,10 @@ fn print_table(results: &[RunResult]) {
     let rows: Vec<[String; 6]> = results
         .iter()
         .map(|r| {
-            let run = if r.config.batchnorm {
-                "with BatchNorm"
-            } else {
-                "without BatchNorm"
+            let run = match r.config.norm {
+                Norm::None => "without normalization",
+                Norm::Batch => "with BatchNorm",
+                Norm::Layer => "with LayerNorm",
             };
             let accuracy = match r.diverged_at {
                 Some(step) => format!("diverged at step {step}"),
@@ -317,7 +357,7 @@ fn shown(path: &Path) -> String {
 }
 
 /// Test accuracy against steps, a panel per model and a line per run (thick: with BatchNorm;
-/// thin: without).
+/// medium: with LayerNorm; thin: without).
 fn plot<DB: DrawingBackend>(
     results: &[RunResult],
     models: &[Model],
@@ -375,15 +415,24 @@ where
         RGBColor(214, 39, 40),
         RGBColor(44, 160, 44),
         RGBColor(148, 103, 189),
+        RGBColor(255, 127, 14),
+        RGBColor(23, 190, 207),
     ];
-    for (i, r) in results.iter().enumerate() {
-        let color = colors[i % colors.len()];
-        let width = if r.config.batchnorm { 3 } else { 1 };
-        let mut label = format!(
-            "{} BatchNorm, lr {}",
-            if r.config.batchnorm { "with" } else { "without" },
-            r.config.learning_rate
-        );
+    // A run's color follows its normalization and learning rate, the same in every panel.
+    let lowest = results.iter().map(|r| r.config.learning_rate).fold(f64::INFINITY, f64::min);
+    for r in results {
+        let norm = Norm::ALL.iter().position(|&n| n == r.config.norm).unwrap_or(0);
+        let high = usize::from(r.config.learning_rate > lowest);
+        let color = colors[(norm + Norm::ALL.len() * high) % colors.len()];
+        let width = match r.config.norm {
+            Norm::None => 1,
+            Norm::Batch => 3,
+            Norm::Layer => 2,
+        };
+        let mut label = match r.config.norm {
+            Norm::None => format!("without normalization, lr {}", r.config.learning_rate),
+            norm => format!("with {}, lr {}", norm.label(), r.config.learning_rate),
+        };
         if let Some(step) = r.diverged_at {
             label += &format!(" (diverged at step {step})");
         }

@@ -1,14 +1,18 @@
-//! The two nets the main job trains on the digits, each with or without BatchNorm.
+//! The two nets the main job trains on the digits, each without normalization, with BatchNorm
+//! or with LayerNorm ([`Norm`]).
 //!
 //! - [`Model::Mlp`], after Ioffe and Szegedy (2015), Figure 1: three hidden layers of 100 sigmoid
-//!   units, BatchNorm (when enabled) between each hidden linear layer and its sigmoid.
+//!   units, the normalization (when enabled) between each hidden linear layer and its sigmoid.
 //! - [`Model::Cnn`]: the digits as `1 × 8 × 8` images,
-//!   `Conv2d(1, 16, 3, padding 1) → [BatchNorm2d(16)] → ReLU → Conv2d(16, 32, 3, padding 1)
-//!   → [BatchNorm2d(32)] → ReLU → MaxPool2d(2) → Flatten → Linear(512, 10)`.
+//!   `Conv2d(1, 16, 3, padding 1) → [norm(16)] → ReLU → Conv2d(16, 32, 3, padding 1)
+//!   → [norm(32)] → ReLU → MaxPool2d(2) → Flatten → Linear(512, 10)`, where BatchNorm is
+//!   BatchNorm2d and LayerNorm normalizes each image over its channels and positions
+//!   (GroupNorm with one group).
 
 use std::fmt;
 
-use layers::{Activation, BatchNorm, Conv2d, Conv2dOptions, Flatten, Linear, MaxPool2d, Sequential};
+use layers::{Activation, BatchNorm, Conv2d, Conv2dOptions, Flatten, GroupNorm, LayerNorm, Linear, MaxPool2d, Module};
+use layers::Sequential;
 use ndarray::{Array2, ArrayD, IxDyn};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -22,6 +26,70 @@ pub const HIDDEN: usize = 100;
 pub const DEPTH: usize = 3;
 /// The side of a digit image.
 pub const SIDE: usize = 8;
+
+/// The normalization after each hidden linear or convolution layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Norm {
+    /// None.
+    None,
+    /// BatchNorm (batch statistics in training, running statistics in evaluation).
+    Batch,
+    /// LayerNorm (each sample on its own, the same in training and evaluation).
+    Layer,
+}
+
+impl Norm {
+    /// Every normalization.
+    pub const ALL: [Norm; 3] = [Norm::None, Norm::Batch, Norm::Layer];
+
+    /// `"none"`, `"batch"` or `"layer"`, as in `summary.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Norm::None => "none",
+            Norm::Batch => "batch",
+            Norm::Layer => "layer",
+        }
+    }
+
+    /// The suffix of an architecture's name: `""`, `"-bn"` or `"-ln"`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Norm::None => "",
+            Norm::Batch => "-bn",
+            Norm::Layer => "-ln",
+        }
+    }
+
+    /// `"plain"`, `"BatchNorm"` or `"LayerNorm"`, for tables and plots.
+    pub fn label(self) -> &'static str {
+        match self {
+            Norm::None => "plain",
+            Norm::Batch => "BatchNorm",
+            Norm::Layer => "LayerNorm",
+        }
+    }
+
+    /// The layer for `features` outputs of a linear layer, if any.
+    fn for_features<T: Element>(self, features: usize) -> Option<Box<dyn Module<T>>> {
+        match self {
+            Norm::None => None,
+            Norm::Batch => Some(Box::new(BatchNorm::new(features))),
+            Norm::Layer => Some(Box::new(
+                LayerNorm::new(&[features]).unwrap_or_else(|_| unreachable!("features > 0")),
+            )),
+        }
+    }
+
+    /// The layer for `channels` feature maps of a convolution, if any.
+    fn for_channels<T: Element>(self, channels: usize) -> Option<Box<dyn Module<T>>> {
+        match self {
+            Norm::Layer => Some(Box::new(
+                GroupNorm::new(1, channels).unwrap_or_else(|_| unreachable!("one group divides any count")),
+            )),
+            other => other.for_features(channels),
+        }
+    }
+}
 
 /// Which net.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,29 +110,25 @@ impl Model {
     }
 
     /// The net, initialised from `seed`, named by [`Model::arch`].
-    pub fn build<T: Element>(self, batchnorm: bool, seed: u64) -> Sequential<T> {
+    pub fn build<T: Element>(self, norm: Norm, seed: u64) -> Sequential<T> {
         let net = match self {
-            Model::Mlp => mlp(batchnorm, seed),
-            Model::Cnn => cnn(batchnorm, seed),
+            Model::Mlp => mlp(norm, seed),
+            Model::Cnn => cnn(norm, seed),
         };
-        net.with_arch(self.arch(batchnorm))
+        net.with_arch(self.arch(norm))
     }
 
-    /// The architecture's name in model files: `"mlp"`, `"mlp-bn"`, `"cnn"` or `"cnn-bn"`.
-    pub fn arch(self, batchnorm: bool) -> String {
-        format!("{}{}", self.name(), if batchnorm { "-bn" } else { "" })
+    /// The architecture's name in model files: `"mlp"`, `"mlp-bn"`, `"mlp-ln"`, `"cnn"`, ...
+    pub fn arch(self, norm: Norm) -> String {
+        format!("{}{}", self.name(), norm.suffix())
     }
 
-    /// The model and whether it has BatchNorm, from an architecture's name ([`Model::arch`]).
-    pub fn from_arch(arch: &str) -> Option<(Model, bool)> {
-        let (name, batchnorm) = match arch.strip_suffix("-bn") {
-            Some(name) => (name, true),
-            None => (arch, false),
-        };
+    /// The model and its normalization, from an architecture's name ([`Model::arch`]).
+    pub fn from_arch(arch: &str) -> Option<(Model, Norm)> {
         [Model::Mlp, Model::Cnn]
             .into_iter()
-            .find(|model| model.name() == name)
-            .map(|model| (model, batchnorm))
+            .flat_map(|model| Norm::ALL.map(|norm| (model, norm)))
+            .find(|&(model, norm)| model.arch(norm) == arch)
     }
 
     /// A batch of rows of 64 pixels as this net's input: the rows themselves for the MLP,
@@ -90,15 +154,15 @@ impl fmt::Display for Model {
     }
 }
 
-/// The MLP: `64 → (Linear → [BatchNorm] → Sigmoid) × 3 → Linear → 10`, initialised from `seed`.
-pub fn mlp<T: Element>(batchnorm: bool, seed: u64) -> Sequential<T> {
+/// The MLP: `64 → (Linear → [norm] → Sigmoid) × 3 → Linear → 10`, initialised from `seed`.
+pub fn mlp<T: Element>(norm: Norm, seed: u64) -> Sequential<T> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut net = Sequential::new();
     let mut width = FEATURES;
     for _ in 0..DEPTH {
         net = net.push(Linear::new(width, HIDDEN, &mut rng));
-        if batchnorm {
-            net = net.push(BatchNorm::new(HIDDEN));
+        if let Some(layer) = norm.for_features(HIDDEN) {
+            net = net.push_boxed(layer);
         }
         net = net.push(Activation::Sigmoid);
         width = HIDDEN;
@@ -107,7 +171,7 @@ pub fn mlp<T: Element>(batchnorm: bool, seed: u64) -> Sequential<T> {
 }
 
 /// The CNN on `(N, 1, 8, 8)` images, initialised from `seed` as PyTorch initialises it.
-pub fn cnn<T: Element>(batchnorm: bool, seed: u64) -> Sequential<T> {
+pub fn cnn<T: Element>(norm: Norm, seed: u64) -> Sequential<T> {
     let mut rng = StdRng::seed_from_u64(seed);
     let same = Conv2dOptions::default().with_padding([1, 1]);
     let mut net = Sequential::new();
@@ -115,8 +179,8 @@ pub fn cnn<T: Element>(batchnorm: bool, seed: u64) -> Sequential<T> {
         let conv = Conv2d::with_options(c_in, c_out, [3, 3], same, true, &mut rng)
             .unwrap_or_else(|_| unreachable!("one group divides any channel count"));
         net = net.push(conv);
-        if batchnorm {
-            net = net.push(BatchNorm::new(c_out));
+        if let Some(layer) = norm.for_channels(c_out) {
+            net = net.push_boxed(layer);
         }
         net = net.push(Activation::Relu);
     }
@@ -135,10 +199,13 @@ mod tests {
 
     #[test]
     fn the_mlp_has_the_papers_shape() {
-        let plain = mlp::<f32>(false, 0);
-        let with_bn = mlp::<f32>(true, 0);
+        let plain = mlp::<f32>(Norm::None, 0);
+        let with_bn = mlp::<f32>(Norm::Batch, 0);
+        let with_ln = mlp::<f32>(Norm::Layer, 0);
         assert_eq!(plain.layers().len(), 7);
         assert_eq!(with_bn.layers().len(), 10);
+        assert_eq!(with_ln.describe().matches("LayerNorm([100])").count(), 3);
+        assert_eq!(with_ln.parameter_count(), with_bn.parameter_count());
         assert_eq!(
             plain.parameter_count(),
             64 * 100 + 100 + 2 * (100 * 100 + 100) + 100 * 10 + 10
@@ -148,14 +215,15 @@ mod tests {
 
     #[test]
     fn the_cnn_has_the_layers_of_the_main_job() {
-        let mut net = cnn::<f32>(true, 0);
+        let mut net = cnn::<f32>(Norm::Batch, 0);
         assert_eq!(
             net.describe(),
             "Sequential[Conv2d(1 -> 16, 3x3, padding [1, 1]), BatchNorm(16), Relu, Conv2d(16 -> 32, \
              3x3, padding [1, 1]), BatchNorm(32), Relu, MaxPool2d(2x2), Flatten, Linear(512 -> 10)]"
         );
         let convs = 16 * 9 + 16 + 32 * 16 * 9 + 32;
-        assert_eq!(cnn::<f32>(false, 0).parameter_count(), convs + 512 * 10 + 10);
+        assert_eq!(cnn::<f32>(Norm::None, 0).parameter_count(), convs + 512 * 10 + 10);
+        assert!(cnn::<f32>(Norm::Layer, 0).describe().contains("GroupNorm(1 groups, 32 channels)"));
         assert_eq!(net.parameter_count(), convs + 512 * 10 + 10 + 2 * (16 + 32));
         let tape = Tape::new();
         let x = Model::Cnn.input(Array2::<f32>::zeros((5, 64)));
@@ -167,12 +235,13 @@ mod tests {
     #[test]
     fn architecture_names_round_trip() {
         for model in [Model::Mlp, Model::Cnn] {
-            for batchnorm in [false, true] {
-                assert_eq!(Model::from_arch(&model.arch(batchnorm)), Some((model, batchnorm)));
+            for norm in Norm::ALL {
+                assert_eq!(Model::from_arch(&model.arch(norm)), Some((model, norm)));
             }
         }
         assert_eq!(Model::from_arch("rnn-bn"), None);
         assert_eq!(Model::from_arch("cnn-"), None);
+        assert_eq!(Model::arch(Model::Mlp, Norm::Layer), "mlp-ln");
     }
 
     #[test]

@@ -1,17 +1,20 @@
-//! Training a net on the digits, with or without BatchNorm: the engine of
+//! Training a net on the digits, with or without BatchNorm or LayerNorm: the engine of
 //! `cargo run --release --example train`.
 //!
-//! The nets are in [`crate::models`]: an MLP and a CNN. The variants with and without BatchNorm
-//! start from the same seed, see the same mini-batches and take the same steps.
+//! The nets are in [`crate::models`]: an MLP and a CNN. The variants with and without
+//! normalization start from the same seed, see the same mini-batches and take the same steps,
+//! with the same learning-rate schedule and gradient clipping.
 
 use std::time::Instant;
 
 use layers::data::{Batch, DataLoader};
+use layers::lr_schedule::{CosineAnnealingLr, LinearWarmup, LrSchedule};
+use layers::optim::clip_grad_norm;
 use layers::{Mode, Module, Optimizer, Sequential, Sgd, StateDict, accuracy, softmax_cross_entropy};
 use ndarray::Ix2;
 use tape::Tape;
 
-use crate::models::Model;
+use crate::models::{Model, Norm};
 use layers::datasets::digits::Dataset;
 
 /// Why a run could not be made or finished.
@@ -74,9 +77,57 @@ impl RunConfig {
                 got: self.learning_rate.to_string(),
             });
         }
+        if let Some(max_norm) = self.clip_norm.filter(|m| !(m.is_finite() && *m > 0.0)) {
+            return Err(TrainError::Setting {
+                name: "clip_norm",
+                expected: "a finite number > 0".into(),
+                got: max_norm.to_string(),
+            });
+        }
         Ok(())
     }
+
+    /// The learning rate of each step (from 0), by [`RunConfig::schedule`].
+    ///
+    /// # Errors
+    /// A schedule's own check of its settings (the learning rate, checked by [`check`](Self::check)).
+    pub fn learning_rates(&self) -> layers::Result<Box<dyn LrSchedule>> {
+        let lr = self.learning_rate;
+        Ok(match self.schedule {
+            Schedule::Constant => Box::new(LinearWarmup::new(lr, 1.0, 1)?),
+            Schedule::WarmupCosine { warmup: 0 } => Box::new(CosineAnnealingLr::new(lr, self.steps.max(1), 0.0)?),
+            Schedule::WarmupCosine { warmup } => {
+                let warmup = warmup.min(self.steps.max(1));
+                let rest = (self.steps - warmup).max(1);
+                Box::new(LinearWarmup::new(lr, 0.1, warmup)?.then(warmup, CosineAnnealingLr::new(lr, rest, 0.0)?))
+            }
+        })
+    }
 }
+
+/// How the learning rate moves over a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// The same rate at every step.
+    Constant,
+    /// A linear warm-up from a tenth of the rate over `warmup` steps (none for 0), then cosine
+    /// annealing to 0 at the last step.
+    WarmupCosine {
+        /// Steps of the warm-up.
+        warmup: usize,
+    },
+}
+
+impl Schedule {
+    /// `"constant"` or `"warmup-cosine"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::Constant => "constant",
+            Schedule::WarmupCosine { .. } => "warmup-cosine",
+        }
+    }
+}
+
 
 /// One training run.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,10 +136,15 @@ pub struct RunConfig {
     pub name: String,
     /// The net.
     pub model: Model,
-    /// BatchNorm after each hidden linear or convolution layer.
-    pub batchnorm: bool,
-    /// SGD learning rate (momentum 0.9).
+    /// The normalization after each hidden linear or convolution layer.
+    pub norm: Norm,
+    /// SGD learning rate (momentum 0.9): the peak of the schedule.
     pub learning_rate: f64,
+    /// How the learning rate moves over the run.
+    pub schedule: Schedule,
+    /// Gradients are clipped to this global L2 norm before each step (PyTorch's
+    /// `clip_grad_norm_`), if given.
+    pub clip_norm: Option<f64>,
     /// Optimisation steps (mini-batches).
     pub steps: usize,
     /// Images per mini-batch.
@@ -125,10 +181,10 @@ impl RunResult {
         self.curve.last().map_or(0.0, |&(_, accuracy)| accuracy)
     }
 
-    /// The trained net's file name: `<model>[-bn]-lr<rate>.safetensors`.
+    /// The trained net's file name: `<model>[-bn|-ln]-lr<rate>.safetensors`.
     pub fn file_name(&self) -> String {
         let c = &self.config;
-        format!("{}-lr{}.safetensors", c.model.arch(c.batchnorm), c.learning_rate)
+        format!("{}-lr{}.safetensors", c.model.arch(c.norm), c.learning_rate)
     }
 
     /// Saves the trained net as a safetensors file, its metadata naming the architecture and
@@ -138,7 +194,7 @@ impl RunResult {
     /// As [`layers::files::save_safetensors`].
     pub fn save(&self, path: impl AsRef<std::path::Path>) -> layers::Result<()> {
         let c = &self.config;
-        let metadata = [("arch", c.model.arch(c.batchnorm)), ("seed", c.seed.to_string())];
+        let metadata = [("arch", c.model.arch(c.norm)), ("seed", c.seed.to_string())];
         let metadata = metadata.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         layers::files::save_safetensors(&self.state, &metadata, path)
     }
@@ -176,8 +232,9 @@ pub fn run(
     config.check(train.len())?;
     let start = Instant::now();
     let model = config.model;
-    let mut net = model.build(config.batchnorm, config.seed);
-    let mut optimizer = Sgd::new(config.learning_rate, 0.9)?;
+    let mut net = model.build(config.norm, config.seed);
+    let learning_rates = config.learning_rates()?;
+    let mut optimizer = Sgd::new(learning_rates.lr(0), 0.9)?;
     // Batches of a new shuffled order each epoch, whole batches only.
     let mut loader = DataLoader::new(
         as_f32(train).into_dyn(),
@@ -212,7 +269,11 @@ pub fn run(
             Err(error) => return Err(error.into()),
         };
         let loss_value = f64::from(loss.scalar());
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
+        if let Some(max_norm) = config.clip_norm {
+            clip_grad_norm(&net.parameters(), &mut grads, max_norm)?;
+        }
+        optimizer.set_lr(learning_rates.lr(step - 1))?;
         optimizer.step(net.parameters_mut(), &grads)?;
 
         if step % config.eval_every == 0 || step == config.steps {
@@ -236,9 +297,10 @@ pub fn run(
     })
 }
 
-/// `summary.json`: `{"runs": [{"name", "model", "batchnorm", "learning_rate", "steps",
-/// "final_test_accuracy", "steps_to_90", "diverged_at", "seconds"}, ...]}`, `model` being
-/// `"mlp"` or `"cnn"`.
+/// `summary.json`: `{"runs": [{"name", "model", "norm", "batchnorm", "learning_rate",
+/// "schedule", "clip_norm", "steps", "final_test_accuracy", "steps_to_90", "diverged_at",
+/// "seconds"}, ...]}`, `model` being `"mlp"` or `"cnn"`, `norm` `"none"`, `"batch"` or
+/// `"layer"` (and `batchnorm` whether it is `"batch"`).
 pub fn summary_json(results: &[RunResult]) -> serde_json::Value {
     let runs: Vec<serde_json::Value> = results
         .iter()
@@ -246,8 +308,11 @@ pub fn summary_json(results: &[RunResult]) -> serde_json::Value {
             serde_json::json!({
                 "name": r.config.name,
                 "model": r.config.model.name(),
-                "batchnorm": r.config.batchnorm,
+                "norm": r.config.norm.name(),
+                "batchnorm": r.config.norm == Norm::Batch,
                 "learning_rate": r.config.learning_rate,
+                "schedule": r.config.schedule.name(),
+                "clip_norm": r.config.clip_norm,
                 "steps": r.config.steps,
                 "final_test_accuracy": r.final_test_accuracy(),
                 "steps_to_90": r.steps_to_90,
@@ -275,13 +340,64 @@ mod tests {
         RunConfig {
             name: "test".into(),
             model: Model::Mlp,
-            batchnorm,
+            norm: if batchnorm { Norm::Batch } else { Norm::None },
             learning_rate: 0.05,
+            schedule: Schedule::Constant,
+            clip_norm: None,
             steps: 60,
             batch_size: 32,
             seed: 3,
             eval_every: 20,
         }
+    }
+
+    #[test]
+    fn schedules_warm_up_then_anneal_to_zero() {
+        let config = RunConfig {
+            steps: 1000,
+            learning_rate: 1.0,
+            schedule: Schedule::WarmupCosine { warmup: 100 },
+            ..config(true)
+        };
+        let rates = config.learning_rates().unwrap();
+        assert!((rates.lr(0) - 0.1).abs() < 1e-12);
+        assert!((rates.lr(50) - 0.55).abs() < 1e-12);
+        assert_eq!(rates.lr(100), 1.0);
+        assert!((rates.lr(550) - 0.5).abs() < 1e-12, "half way through the cosine");
+        assert!(rates.lr(999) < 1e-4 && rates.lr(999) > 0.0);
+        let no_warmup = RunConfig {
+            schedule: Schedule::WarmupCosine { warmup: 0 },
+            ..config.clone()
+        };
+        assert_eq!(no_warmup.learning_rates().unwrap().lr(0), 1.0);
+        let constant = RunConfig {
+            schedule: Schedule::Constant,
+            ..config
+        };
+        let rates = constant.learning_rates().unwrap();
+        assert!((0..1000).all(|t| rates.lr(t) == 1.0));
+    }
+
+    #[test]
+    fn clipping_bounds_the_step_and_layernorm_learns() {
+        // At lr 1 the plain MLP's first steps overshoot; clipped to norm 1 they stay bounded.
+        let (train, test) = data();
+        let clipped = RunConfig {
+            norm: Norm::Layer,
+            clip_norm: Some(1.0),
+            ..config(false)
+        };
+        let result = run(&clipped, &train, &test, |_, _| {}).unwrap();
+        assert!(result.final_test_accuracy() > result.curve[0].1 + 0.3, "{:?}", result.curve);
+        assert!(result.state.contains_key("1.weight") && result.file_name().starts_with("mlp-ln-"));
+        let bad = RunConfig {
+            clip_norm: Some(0.0),
+            ..clipped
+        };
+        assert_eq!(
+            run(&bad, &train, &test, |_, _| {}).unwrap_err().to_string(),
+            "clip_norm must be a finite number > 0, got 0"
+        );
     }
 
     #[test]
@@ -381,7 +497,9 @@ mod tests {
         }
         let summary = summary_json(&[run(&config(true), &train, &test, |_, _| {}).unwrap()]);
         let keys: Vec<&String> = summary["runs"][0].as_object().unwrap().keys().collect();
-        assert_eq!(keys.len(), 9);
+        assert_eq!(keys.len(), 12);
+        assert_eq!(summary["runs"][0]["norm"], "batch");
+        assert_eq!(summary["runs"][0]["schedule"], "constant");
         assert_eq!(summary["runs"][0]["model"], "mlp");
         assert!(summary["runs"][0]["steps_to_90"].is_null() || summary["runs"][0]["steps_to_90"].is_u64());
     }

@@ -48,6 +48,10 @@ fn train_names_the_bad_flag_and_its_value_before_training() {
             "--high-lr must be a finite number > 0, got inf",
         ),
         (&["--steps", "0"], "--steps must be at least 1, got 0"),
+        (
+            &["--clip-norm", "-1"],
+            "--clip-norm must be a finite number >= 0 (0: no clipping), got -1",
+        ),
         (&["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (&["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
         (
@@ -135,7 +139,18 @@ fn train_runs_both_models_and_labels_each_run() {
         .iter()
         .map(|run| run["model"].as_str().unwrap())
         .collect();
-    assert_eq!(models, ["mlp", "mlp", "mlp", "mlp", "cnn", "cnn", "cnn", "cnn"]);
+    assert_eq!(models, ["mlp", "mlp", "mlp", "mlp", "mlp", "mlp", "cnn", "cnn", "cnn", "cnn"]);
+    let norms: Vec<&str> = summary["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["norm"].as_str().unwrap())
+        .collect();
+    assert_eq!(norms[..3], ["none", "batch", "layer"]);
+    assert!(stdout.contains("| with LayerNorm "), "{stdout}");
+    for run in summary["runs"].as_array().unwrap() {
+        assert_eq!((run["schedule"].as_str(), run["clip_norm"].as_f64()), (Some("warmup-cosine"), Some(1.0)));
+    }
     for file in ["accuracy.png", "accuracy.svg"] {
         assert!(out.join(file).metadata().unwrap().len() > 1000, "{file}");
     }
@@ -214,7 +229,7 @@ fn predict_reproduces_training_and_pytorchs_logits() {
         "train",
         &[
             "--model",
-            "cnn",
+            "all",
             "--steps",
             "30",
             "--eval-every",
@@ -232,11 +247,14 @@ fn predict_reproduces_training_and_pytorchs_logits() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     for run_summary in summary["runs"].as_array().unwrap() {
-        let arch = if run_summary["batchnorm"].as_bool().unwrap() {
-            "cnn-bn"
-        } else {
-            "cnn"
+        let suffix = match run_summary["norm"].as_str().unwrap() {
+            "none" => "",
+            "batch" => "-bn",
+            "layer" => "-ln",
+            other => panic!("norm {other:?}"),
         };
+        assert_eq!(run_summary["batchnorm"].as_bool().unwrap(), suffix == "-bn");
+        let arch = format!("{}{suffix}", run_summary["model"].as_str().unwrap());
         let rate = run_summary["learning_rate"].as_f64().unwrap();
         let file = out.join(format!("{arch}-lr{rate}.safetensors"));
         let predict = run("predict", &["--model", file.to_str().unwrap()]);

@@ -218,6 +218,13 @@ impl<T: Element> Sequential<T> {
         self
     }
 
+    /// Appends a layer already boxed (one chosen at run time, say).
+    #[must_use]
+    pub fn push_boxed(mut self, layer: Box<dyn Module<T>>) -> Self {
+        self.layers.push(layer);
+        self
+    }
+
     /// The layers, in order.
     pub fn layers(&self) -> &[Box<dyn Module<T>>] {
         &self.layers
