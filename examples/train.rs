@@ -419,7 +419,10 @@ where
         RGBColor(23, 190, 207),
     ];
     // A run's color follows its normalization and learning rate, the same in every panel.
-    let lowest = results.iter().map(|r| r.config.learning_rate).fold(f64::INFINITY, f64::min);
+    let lowest = results
+        .iter()
+        .map(|r| r.config.learning_rate)
+        .fold(f64::INFINITY, f64::min);
     for r in results {
         let norm = Norm::ALL.iter().position(|&n| n == r.config.norm).unwrap_or(0);
         let high = usize::from(r.config.learning_rate > lowest);

@@ -11,8 +11,10 @@
 
 use std::fmt;
 
-use layers::{Activation, BatchNorm, Conv2d, Conv2dOptions, Flatten, GroupNorm, LayerNorm, Linear, MaxPool2d, Module};
 use layers::Sequential;
+use layers::{
+    Activation, BatchNorm, Conv2d, Conv2dOptions, Flatten, GroupNorm, LayerNorm, Linear, MaxPool2d, Module,
+};
 use ndarray::{Array2, ArrayD, IxDyn};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -223,7 +225,11 @@ mod tests {
         );
         let convs = 16 * 9 + 16 + 32 * 16 * 9 + 32;
         assert_eq!(cnn::<f32>(Norm::None, 0).parameter_count(), convs + 512 * 10 + 10);
-        assert!(cnn::<f32>(Norm::Layer, 0).describe().contains("GroupNorm(1 groups, 32 channels)"));
+        assert!(
+            cnn::<f32>(Norm::Layer, 0)
+                .describe()
+                .contains("GroupNorm(1 groups, 32 channels)")
+        );
         assert_eq!(net.parameter_count(), convs + 512 * 10 + 10 + 2 * (16 + 32));
         let tape = Tape::new();
         let x = Model::Cnn.input(Array2::<f32>::zeros((5, 64)));

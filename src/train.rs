@@ -95,11 +95,15 @@ impl RunConfig {
         let lr = self.learning_rate;
         Ok(match self.schedule {
             Schedule::Constant => Box::new(LinearWarmup::new(lr, 1.0, 1)?),
-            Schedule::WarmupCosine { warmup: 0 } => Box::new(CosineAnnealingLr::new(lr, self.steps.max(1), 0.0)?),
+            Schedule::WarmupCosine { warmup: 0 } => {
+                Box::new(CosineAnnealingLr::new(lr, self.steps.max(1), 0.0)?)
+            }
             Schedule::WarmupCosine { warmup } => {
                 let warmup = warmup.min(self.steps.max(1));
                 let rest = (self.steps - warmup).max(1);
-                Box::new(LinearWarmup::new(lr, 0.1, warmup)?.then(warmup, CosineAnnealingLr::new(lr, rest, 0.0)?))
+                Box::new(
+                    LinearWarmup::new(lr, 0.1, warmup)?.then(warmup, CosineAnnealingLr::new(lr, rest, 0.0)?),
+                )
             }
         })
     }
@@ -127,7 +131,6 @@ impl Schedule {
         }
     }
 }
-
 
 /// One training run.
 #[derive(Debug, Clone, PartialEq)]
@@ -388,7 +391,11 @@ mod tests {
             ..config(false)
         };
         let result = run(&clipped, &train, &test, |_, _| {}).unwrap();
-        assert!(result.final_test_accuracy() > result.curve[0].1 + 0.3, "{:?}", result.curve);
+        assert!(
+            result.final_test_accuracy() > result.curve[0].1 + 0.3,
+            "{:?}",
+            result.curve
+        );
         assert!(result.state.contains_key("1.weight") && result.file_name().starts_with("mlp-ln-"));
         let bad = RunConfig {
             clip_norm: Some(0.0),

@@ -139,7 +139,12 @@ fn train_runs_both_models_and_labels_each_run() {
         .iter()
         .map(|run| run["model"].as_str().unwrap())
         .collect();
-    assert_eq!(models, ["mlp", "mlp", "mlp", "mlp", "mlp", "mlp", "cnn", "cnn", "cnn", "cnn"]);
+    assert_eq!(
+        models,
+        [
+            "mlp", "mlp", "mlp", "mlp", "mlp", "mlp", "cnn", "cnn", "cnn", "cnn"
+        ]
+    );
     let norms: Vec<&str> = summary["runs"]
         .as_array()
         .unwrap()
@@ -149,7 +154,10 @@ fn train_runs_both_models_and_labels_each_run() {
     assert_eq!(norms[..3], ["none", "batch", "layer"]);
     assert!(stdout.contains("| with LayerNorm "), "{stdout}");
     for run in summary["runs"].as_array().unwrap() {
-        assert_eq!((run["schedule"].as_str(), run["clip_norm"].as_f64()), (Some("warmup-cosine"), Some(1.0)));
+        assert_eq!(
+            (run["schedule"].as_str(), run["clip_norm"].as_f64()),
+            (Some("warmup-cosine"), Some(1.0))
+        );
     }
     for file in ["accuracy.png", "accuracy.svg"] {
         assert!(out.join(file).metadata().unwrap().len() > 1000, "{file}");

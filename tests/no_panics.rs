@@ -282,7 +282,7 @@ proptest! {
         std::fs::write(&path, &mutated).unwrap();
         no_panic("model files", || {
             let _ = layers::files::load_safetensors::<f32>(&path);
-            let mut net = bnorm::models::Model::Cnn.build::<f64>(true, 0);
+            let mut net = bnorm::models::Model::Cnn.build::<f64>(bnorm::models::Norm::Batch, 0);
             let _ = net.load_safetensors(&path);
         })?;
     }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use bnorm::models::Model;
+use bnorm::models::{Model, Norm};
 use layers::{Mode, Module, Sequential};
 use ndarray::ArrayD;
 use serde_json::Value;
@@ -46,7 +46,7 @@ fn max_abs_difference<T: Element>(ours: &ArrayD<T>, reference: &ArrayD<f64>) -> 
 fn logits_error<T: Element>(model: Model, name: &str) -> f64 {
     let io: Value =
         serde_json::from_str(&std::fs::read_to_string(data(&format!("{name}_io.json"))).unwrap()).unwrap();
-    let mut net: Sequential<T> = model.build(true, 0);
+    let mut net: Sequential<T> = model.build(Norm::Batch, 0);
     let metadata = net
         .load_safetensors(data(&format!("{name}.safetensors")))
         .unwrap();
@@ -102,7 +102,7 @@ fn header(path: &Path) -> Value {
 fn saved_nets_use_pytorchs_names_and_types_and_load_back() {
     let dir = scratch("save");
     let path = dir.join("cnn-bn.safetensors");
-    let mut net: Sequential<f32> = Model::Cnn.build(true, 3);
+    let mut net: Sequential<f32> = Model::Cnn.build(Norm::Batch, 3);
     let tape = Tape::new();
     let x = Model::Cnn.input(ndarray::Array2::from_shape_fn((6, 64), |(i, j)| {
         ((i * 64 + j) % 17) as f32 / 8.0 - 1.0
@@ -124,11 +124,11 @@ fn saved_nets_use_pytorchs_names_and_types_and_load_back() {
     assert_eq!(files.len(), 1, "no temporary file is left behind: {files:?}");
 
     // Back into a net of another seed, in f32 and in f64.
-    let mut same: Sequential<f32> = Model::Cnn.build(true, 4);
+    let mut same: Sequential<f32> = Model::Cnn.build(Norm::Batch, 4);
     let metadata = same.load_safetensors(&path).unwrap();
     assert_eq!(metadata.get("arch").map(String::as_str), Some("cnn-bn"));
     assert_eq!(same.state_dict(), net.state_dict());
-    let mut wide: Sequential<f64> = Model::Cnn.build(true, 4);
+    let mut wide: Sequential<f64> = Model::Cnn.build(Norm::Batch, 4);
     wide.load_safetensors(&path).unwrap();
     assert_eq!(
         wide.state_dict()["3.weight"],
@@ -145,7 +145,7 @@ fn saved_nets_use_pytorchs_names_and_types_and_load_back() {
 fn bad_files_are_clear_errors_that_change_nothing() {
     let dir = scratch("bad");
     let good = data("pytorch_mlp_bn.safetensors");
-    let mut net: Sequential<f32> = Model::Mlp.build(true, 0);
+    let mut net: Sequential<f32> = Model::Mlp.build(Norm::Batch, 0);
     let before = net.state_dict();
     let mut load = |path: &Path| net.load_safetensors(path).unwrap_err().to_string();
 

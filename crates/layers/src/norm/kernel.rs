@@ -267,8 +267,26 @@ fn group_backward<T: Element>(
             dweight[p] += g * xhat(x[p]);
             dbias[p] += g;
         }
-        sum_g = lane_sum3((dout, x, weight), |g, _, w| w * g);
-        sum_gx = lane_sum3((dout, x, weight), |g, v, w| w * g * (v - mean)) * inv_std;
+        let (mut acc_g, mut acc_gx) = ([0.0; LANES], [0.0; LANES]);
+        let blocks = dout
+            .chunks_exact(LANES)
+            .zip(x.chunks_exact(LANES))
+            .zip(weight.chunks_exact(LANES));
+        for ((g, v), w) in blocks {
+            for ((((ag, agx), &g), &v), &w) in acc_g.iter_mut().zip(&mut acc_gx).zip(g).zip(v).zip(w) {
+                let wg = w * g.as_f64();
+                *ag += wg;
+                *agx += wg * (v.as_f64() - mean);
+            }
+        }
+        let full = lanes / LANES * LANES;
+        for (p, (ag, agx)) in (full..lanes).zip(acc_g.iter_mut().zip(&mut acc_gx)) {
+            let wg = weight[p] * dout[p].as_f64();
+            *ag += wg;
+            *agx += wg * (x[p].as_f64() - mean);
+        }
+        sum_g = acc_g.iter().sum();
+        sum_gx = acc_gx.iter().sum::<f64>() * inv_std;
     } else {
         for (p, (g, v)) in dout.chunks_exact(s).zip(x.chunks_exact(s)).enumerate() {
             let (lane_g, lane_gx) = lane_sums(g, v, mean, inv_std);
@@ -306,55 +324,30 @@ fn group_backward<T: Element>(
 /// Independent partial sums per loop: enough for the compiler to keep them in SIMD registers.
 const LANES: usize = 8;
 
-/// `Σ term(a, b, w)` over the values of `a` and `b` (as f64) and `w`, in [`LANES`] interleaved
-/// partial sums.
-#[inline(always)]
-fn lane_sum3<T: Element>((a, b, w): (&[T], &[T], &[f64]), term: impl Fn(f64, f64, f64) -> f64) -> f64 {
-    let mut acc = [0.0; LANES];
-    let full = a.len() / LANES * LANES;
-    for start in (0..full).step_by(LANES) {
-        let block = start..start + LANES;
-        let (a, b, w) = (
-            as_lanes(&a[block.clone()]),
-            as_lanes(&b[block.clone()]),
-            as_lanes(&w[block]),
-        );
-        for l in 0..LANES {
-            acc[l] += term(a[l].as_f64(), b[l].as_f64(), w[l]);
-        }
-    }
-    for p in full..a.len() {
-        acc[p - full] += term(a[p].as_f64(), b[p].as_f64(), w[p]);
-    }
-    acc.iter().sum()
-}
-
-/// A slice of exactly [`LANES`] values as an array (the loops over it then unroll into SIMD).
-#[inline(always)]
-fn as_lanes<E>(values: &[E]) -> &[E; LANES] {
-    values
-        .try_into()
-        .unwrap_or_else(|_| unreachable!("cut to LANES values"))
-}
-
-/// `Σ dout` and `Σ dout · x̂` over one lane, in [`LANES`] interleaved partial sums.
+/// `Σ dout` and `Σ dout · x̂` over one lane, in [`LANES`] interleaved partial sums each.
 #[inline(always)]
 fn lane_sums<T: Element>(dout: &[T], x: &[T], mean: f64, inv_std: f64) -> (f64, f64) {
     let (mut acc_g, mut acc_gx) = ([0.0; LANES], [0.0; LANES]);
-    let (mut g_blocks, mut x_blocks) = (dout.chunks_exact(LANES), x.chunks_exact(LANES));
-    for (g, v) in (&mut g_blocks).zip(&mut x_blocks) {
-        for l in 0..LANES {
-            let g = g[l].as_f64();
-            acc_g[l] += g;
-            acc_gx[l] += g * ((v[l].as_f64() - mean) * inv_std);
+    for (g, v) in dout.chunks_exact(LANES).zip(x.chunks_exact(LANES)) {
+        for (((ag, agx), &g), &v) in acc_g.iter_mut().zip(&mut acc_gx).zip(g).zip(v) {
+            let g = g.as_f64();
+            *ag += g;
+            *agx += g * (v.as_f64() - mean);
         }
     }
-    for (l, (g, v)) in g_blocks.remainder().iter().zip(x_blocks.remainder()).enumerate() {
+    let full = dout.len() / LANES * LANES;
+    let rest = dout[full..].iter().zip(&x[full..]);
+    for (((ag, agx), &g), &v) in acc_g
+        .iter_mut()
+        .zip(&mut acc_gx)
+        .zip(rest.clone().map(|(g, _)| g))
+        .zip(rest.map(|(_, v)| v))
+    {
         let g = g.as_f64();
-        acc_g[l] += g;
-        acc_gx[l] += g * ((v.as_f64() - mean) * inv_std);
+        *ag += g;
+        *agx += g * (v.as_f64() - mean);
     }
-    (acc_g.iter().sum(), acc_gx.iter().sum())
+    (acc_g.iter().sum(), acc_gx.iter().sum::<f64>() * inv_std)
 }
 
 #[cfg(test)]
