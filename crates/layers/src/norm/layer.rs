@@ -18,6 +18,14 @@ fn affine_parameters<T: Element>(shape: &[usize], affine: bool) -> Option<(Param
     })
 }
 
+/// The weight and the bias on `tape`, where `affine`.
+fn bound<'t, T: Element>(
+    affine: &Option<(Parameter<T>, Parameter<T>)>,
+    tape: &'t tape::Tape<T>,
+) -> (Option<Var<'t, T>>, Option<Var<'t, T>>) {
+    affine.as_ref().map(|(w, b)| (w.bind(tape), b.bind(tape))).unzip()
+}
+
 /// The parameters as a list, for [`Module::parameters`].
 fn listed<T: Element>(affine: &Option<(Parameter<T>, Parameter<T>)>) -> Vec<&Parameter<T>> {
     affine.iter().flat_map(|(w, b)| [w, b]).collect()
@@ -120,11 +128,7 @@ impl<T: Element> Module<T> for LayerNorm<T> {
     /// # Errors
     /// As [`layer_norm`].
     fn forward<'t>(&mut self, x: Var<'t, T>, _mode: Mode) -> Result<Var<'t, T>> {
-        let tape = x.tape();
-        let (weight, bias) = match &self.affine {
-            Some((w, b)) => (Some(w.bind(tape)), Some(b.bind(tape))),
-            None => (None, None),
-        };
+        let (weight, bias) = bound(&self.affine, x.tape());
         layer_norm(x, &self.normalized_shape, weight, bias, self.eps)
     }
 
@@ -239,11 +243,7 @@ impl<T: Element> Module<T> for GroupNorm<T> {
                 expected: format!("(N, {}, *) for {}", self.num_channels, self.describe()),
             });
         }
-        let tape = x.tape();
-        let (weight, bias) = match &self.affine {
-            Some((w, b)) => (Some(w.bind(tape)), Some(b.bind(tape))),
-            None => (None, None),
-        };
+        let (weight, bias) = bound(&self.affine, x.tape());
         group_norm(x, self.num_groups, weight, bias, self.eps)
     }
 

@@ -153,11 +153,7 @@ pub fn layer_norm<'t, T: Element>(
     eps: f64,
 ) -> Result<Var<'t, T>> {
     let groups = layer_groups(&x.shape(), normalized_shape, eps)?;
-    for (name, p) in [("weight", weight), ("bias", bias)] {
-        if let Some(p) = p {
-            check_parameter(name, &p.shape(), normalized_shape, "normalized_shape")?;
-        }
-    }
+    check_parameters(weight, bias, normalized_shape, "normalized_shape")?;
     apply("layer_norm", x, groups, weight, bias, eps)
 }
 
@@ -198,12 +194,23 @@ pub fn group_norm<'t, T: Element>(
 ) -> Result<Var<'t, T>> {
     let shape = x.shape();
     let groups = channel_groups(&shape, num_groups, eps)?;
+    check_parameters(weight, bias, &shape[1..2], "one value per channel of x")?;
+    apply("group_norm", x, groups, weight, bias, eps)
+}
+
+/// The weight and the bias, those given, are of `shape` (`of` says where it comes from).
+fn check_parameters<T: Element>(
+    weight: Option<Var<'_, T>>,
+    bias: Option<Var<'_, T>>,
+    shape: &[usize],
+    of: &str,
+) -> Result<()> {
     for (name, p) in [("weight", weight), ("bias", bias)] {
         if let Some(p) = p {
-            check_parameter(name, &p.shape(), &shape[1..2], "one value per channel of x")?;
+            check_parameter(name, &p.shape(), shape, of)?;
         }
     }
-    apply("group_norm", x, groups, weight, bias, eps)
+    Ok(())
 }
 
 fn apply<'t, T: Element>(
@@ -246,11 +253,7 @@ pub fn layer_norm_composed<'t, T: Element>(
 ) -> Result<Var<'t, T>> {
     let shape = x.shape();
     layer_groups(&shape, normalized_shape, eps)?;
-    for (name, p) in [("weight", weight), ("bias", bias)] {
-        if let Some(p) = p {
-            check_parameter(name, &p.shape(), normalized_shape, "normalized_shape")?;
-        }
-    }
+    check_parameters(weight, bias, normalized_shape, "normalized_shape")?;
     let axes: Vec<usize> = (shape.len() - normalized_shape.len()..shape.len()).collect();
     let normalized = standardized(x, &axes, eps)?;
     affine(normalized, weight, bias)
@@ -274,14 +277,11 @@ pub fn group_norm_composed<'t, T: Element>(
 ) -> Result<Var<'t, T>> {
     let shape = x.shape();
     let groups = channel_groups(&shape, num_groups, eps)?;
+    check_parameters(weight, bias, &shape[1..2], "one value per channel of x")?;
     let mut channel_shape = vec![1; shape.len()];
     channel_shape[1] = shape[1];
-    let as_channel = |p: Option<Var<'t, T>>, name| -> Result<Option<Var<'t, T>>> {
-        let Some(p) = p else { return Ok(None) };
-        check_parameter(name, &p.shape(), &shape[1..2], "one value per channel of x")?;
-        Ok(Some(p.reshape(&channel_shape)?))
-    };
-    let (weight, bias) = (as_channel(weight, "weight")?, as_channel(bias, "bias")?);
+    let as_channel = |p: Option<Var<'t, T>>| p.map(|p| p.reshape(&channel_shape)).transpose();
+    let (weight, bias) = (as_channel(weight)?, as_channel(bias)?);
     let grouped = x.reshape(&[shape[0], num_groups, groups.len()])?;
     let normalized = standardized(grouped, &[2], eps)?.reshape(&shape)?;
     affine(normalized, weight, bias)
