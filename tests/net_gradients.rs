@@ -3,12 +3,12 @@
 //! the layers, against central differences of the loss; and the input gradient through the
 //! gradient checker. Then a small conv net of fused nodes (conv2d → BatchNorm2d → ReLU →
 //! max_pool2d → strided grouped conv2d → avg_pool2d → flatten → matmul), every input and
-//! parameter through the gradient checker.
+//! parameter through the gradient checker; and a net with GroupNorm and LayerNorm the same way.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use layers::{
     Activation, BatchNorm, Conv2dOptions, Linear, Mode, Module, Sequential, Window2d, avg_pool2d, batch_norm,
-    conv2d, max_pool2d, softmax_cross_entropy,
+    conv2d, group_norm, layer_norm, max_pool2d, softmax_cross_entropy,
 };
 use ndarray::{Array2, ArrayD};
 use rand::SeedableRng;
@@ -139,6 +139,39 @@ fn a_conv_net_of_fused_nodes_passes_the_gradient_checker() {
         report.inputs.iter().all(|input| input.worst_ratio < 0.5),
         "{report}"
     );
+}
+
+#[test]
+fn a_net_with_group_norm_and_layer_norm_passes_the_gradient_checker() {
+    let array = |shape: &[usize], seed: usize| {
+        let mut i = seed * 1000;
+        ArrayD::from_shape_simple_fn(shape.to_vec(), || {
+            i += 1;
+            ((i * 7919 % 1009) as f64 / 504.5) - 1.0
+        })
+    };
+    let inputs = [
+        array(&[3, 2, 5, 5], 1),                // x
+        array(&[4, 2, 3, 3], 2),                // conv weight
+        array(&[4], 3).mapv(|w| 1.0 + 0.5 * w), // GroupNorm weight
+        array(&[4], 4),                         // GroupNorm bias
+        array(&[4 * 9, 6], 5),                  // linear
+        array(&[6], 6).mapv(|w| 1.0 + 0.5 * w), // LayerNorm weight
+        array(&[6], 7),                         // LayerNorm bias
+        array(&[6, 3], 8),                      // classifier
+    ];
+    let report = check_gradients(
+        |_, v| {
+            let y = conv2d(v[0], v[1], None, Conv2dOptions::default())?;
+            let y = group_norm(y, 2, Some(v[2]), Some(v[3]), 1e-5)?.tanh();
+            let y = y.flatten()?.matmul(v[4])?;
+            let y = layer_norm(y, &[6], Some(v[5]), Some(v[6]), 1e-5)?.sigmoid();
+            y.matmul(v[7])
+        },
+        &inputs,
+    )
+    .unwrap();
+    assert_eq!(report.checked, inputs.iter().map(ArrayD::len).sum::<usize>());
 }
 
 /// `Sequential` holds boxed layers and is not `Clone`; rebuild the same net and copy the
