@@ -58,7 +58,9 @@
 //! once. The output is computed in `T` from `x - μ` with `μ` split into two `T` parts (`μ_hi +
 //! μ_lo`), so no digit of `x - μ` is lost to the rounding of `μ`: a constant channel (even at
 //! 1e30) has `x - μ = 0` exactly and normalizes to exactly `β`, and finite input never yields NaN
-//! or infinity.
+//! or infinity, with one exception: `f64` data whose values in one channel are so far apart that
+//! `x - μ` itself overflows (beyond about ±9e307 on both sides of the mean) gives infinite
+//! outputs there.
 //!
 //! # Conventions (PyTorch's, where references differ)
 //! Normalization uses the biased batch variance; the running variance is updated with the

@@ -42,7 +42,8 @@
 //! # Numerics
 //! As BatchNorm's, with the same statistics code: `f64` statistics for `f32` data, a group
 //! with every value equal normalizes to exactly its bias (and `r = 0` where `σ² + ε = 0`), and
-//! finite input never yields NaN. The output and `∂L/∂x` are computed in `f64` and rounded once.
+//! finite input never yields NaN (with BatchNorm's one exception, `f64` values so far apart that
+//! `x - μ` overflows). The output and `∂L/∂x` are computed in `f64` and rounded once.
 //!
 //! # Shapes
 //! LayerNorm: `x` of any rank ending in `normalized_shape`; weight and bias of
