@@ -101,6 +101,15 @@ pub enum TapeError {
         /// Shape of the output backward was called on.
         shape: Vec<usize>,
     },
+    /// An op that cannot record its backward (a custom op without
+    /// [`Function::backward_graph`](crate::Function::backward_graph)) met `create_graph`.
+    #[error(
+        "{op}: its backward cannot be recorded, so it can be differentiated once, not again (create_graph)"
+    )]
+    NoGraphRule {
+        /// The op's name.
+        op: String,
+    },
     /// `backward` on a tape made with [`Tape::no_grad`](crate::Tape::no_grad), which records
     /// no graph.
     #[error(

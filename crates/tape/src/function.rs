@@ -4,7 +4,7 @@
 
 use ndarray::{ArrayD, ArrayViewD};
 
-use crate::{Element, Result};
+use crate::{Element, Result, TapeError, Var};
 
 /// A differentiable operation on the tape, like PyTorch's `torch.autograd.Function`.
 ///
@@ -65,6 +65,20 @@ pub trait Function<T: Element>: 'static {
     /// Whatever the op finds wrong; the tape itself checks the count and shapes of the result.
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>>;
 
+    /// The same gradients as [`backward`](Function::backward), recorded on the tape as `Var`s
+    /// so that they can be differentiated again ([`Tape::grad`](crate::Tape::grad) with
+    /// `create_graph`). The primitives write each derivative rule once, for both. The default
+    /// is an error naming the op: an op without it can be differentiated once, not twice.
+    ///
+    /// # Errors
+    /// [`TapeError::NoGraphRule`] by default; otherwise whatever the recorded ops return.
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        let _ = args;
+        Err(TapeError::NoGraphRule {
+            op: self.name().to_string(),
+        })
+    }
+
     /// Bytes this op keeps for its backward beyond the values the tape holds (its saved state).
     /// Used by [`Tape::saved_bytes`](crate::Tape::saved_bytes); the default is 0.
     fn saved_bytes(&self) -> usize {
@@ -86,5 +100,20 @@ pub struct BackwardArgs<'a, T: Element> {
     pub grad_output: ArrayViewD<'a, T>,
     /// For each input, whether its gradient is needed (false for constants and for values
     /// computed only from constants): the op may skip that work and return `None`.
+    pub needs_grad: &'a [bool],
+}
+
+/// What [`Function::backward_graph`] is given: the op's inputs, output and output gradient as
+/// `Var`s on the tape the gradients are recorded on.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct GraphArgs<'a, 't, T: Element> {
+    /// The inputs, as the op was applied to them.
+    pub inputs: &'a [Var<'t, T>],
+    /// The op's output.
+    pub output: Var<'t, T>,
+    /// The gradient of the loss with respect to the output, itself on the tape.
+    pub grad_output: Var<'t, T>,
+    /// For each input, whether its gradient is needed.
     pub needs_grad: &'a [bool],
 }

@@ -6,6 +6,13 @@
 //! custom-op API ([`Function`]) that other crates use for fused ops, and
 //! [`check_gradients`] verifies any of them against finite differences.
 //!
+//! [`Tape::grad`] with [`GradOptions::create_graph`] records the backward pass itself on the
+//! tape, so gradients can be differentiated again (Hessian-vector products, gradient
+//! penalties), to any order through the primitives. Each primitive writes its derivative rule
+//! once, over scalars or arrays for `backward` and over `Var`s for the recorded pass; a custom op
+//! takes part by implementing [`Function::backward_graph`], and without it is a clear error
+//! naming the op.
+//!
 //! Works over `f32` and `f64` ([`Element`]).
 //!
 //! # Example
@@ -34,14 +41,15 @@ mod error;
 mod function;
 mod gradcheck;
 pub mod ops;
+mod rule;
 mod tape;
 
 pub use broadcast::{broadcast_shape, sum_to_shape};
 pub use element::Element;
 pub use error::{Result, TapeError};
-pub use function::{BackwardArgs, Function};
+pub use function::{BackwardArgs, Function, GraphArgs};
 pub use gradcheck::{GradCheck, GradCheckError, GradCheckReport, InputReport, check_gradients};
-pub use tape::{Gradients, Tape, Var, VarId};
+pub use tape::{GradOptions, Gradients, Tape, Var, VarId};
 
 #[cfg(test)]
 pub(crate) mod testing {

@@ -482,8 +482,10 @@ impl<'t, T: Element> Var<'t, T> {
 }
 
 mod gradients;
+mod graph;
 
 pub use self::gradients::{Gradients, VarId};
+pub use self::graph::GradOptions;
 
 #[cfg(test)]
 mod tests;

@@ -214,8 +214,8 @@ pub fn batch_norm_composed<'t, T: Element>(
 
 #[cfg(test)]
 mod tests {
-    use ndarray::{Array1, array};
-    use tape::{GradCheck, Tape, check_gradients};
+    use ndarray::{Array1, ArrayD, array};
+    use tape::{GradCheck, Tape, Var, check_gradients};
 
     use super::*;
     use crate::batch_norm::testing::{channel, normal};
@@ -311,6 +311,63 @@ mod tests {
         let y = tape.apply(node, &[x, g, b]).unwrap();
         let (expected, _) = crate::batchnorm_forward(&own, &gamma, &beta, 1e-5).unwrap();
         assert_eq!(y.value().as_ref(), &expected);
+    }
+
+    #[test]
+    fn a_recorded_backward_goes_through_the_composition_and_names_the_fused_node() {
+        let recorded = || tape::GradOptions {
+            create_graph: true,
+            upstream: None,
+        };
+        let (x0, v) = (normal(&[5, 3], 0.5, 2.0, 1), normal(&[5, 3], 0.0, 1.0, 2));
+        let (gamma, beta) = (channel(3, 1.0, 3), channel(3, 0.0, 4));
+        let dout = normal(&[5, 3], 0.0, 1.0, 5);
+        // The loss Σ dout · BN(x): its gradient, recorded, and that gradient's own along v.
+        let arrays = (&gamma, &beta, &dout);
+        fn loss<'t>(
+            t: &'t Tape<f64>,
+            x: Var<'t, f64>,
+            composed: bool,
+            (gamma, beta, dout): (&Array1<f64>, &Array1<f64>, &ArrayD<f64>),
+        ) -> Var<'t, f64> {
+            let (g, b) = (t.constant(gamma.clone()), t.constant(beta.clone()));
+            let f = if composed { batch_norm_composed } else { batch_norm };
+            f(x, g, b, 1e-5)
+                .unwrap()
+                .try_mul(t.constant(dout.clone()))
+                .unwrap()
+                .sum()
+        }
+        let tape = Tape::<f64>::new();
+        let x = tape.var(x0.clone());
+        let error = tape
+            .grad(loss(&tape, x, false, arrays), &[x], recorded())
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "batch_norm: its backward cannot be recorded, so it can be differentiated once, not again (create_graph)"
+        );
+        let dx = tape.grad(loss(&tape, x, true, arrays), &[x], recorded()).unwrap()[0].unwrap();
+        let hvp = dx
+            .try_mul(tape.constant(v.clone()))
+            .unwrap()
+            .sum()
+            .backward()
+            .unwrap();
+        let gradient = |x0: ArrayD<f64>| {
+            let tape = Tape::<f64>::new();
+            let x = tape.var(x0);
+            loss(&tape, x, false, arrays)
+                .backward()
+                .unwrap()
+                .wrt(x)
+                .unwrap()
+                .clone()
+        };
+        let h = 1e-5;
+        let numeric = (gradient(&x0 + &(&v * h)) - gradient(&x0 - &(&v * h))) / (2.0 * h);
+        let analytic = hvp.wrt(x).unwrap();
+        assert!(analytic.abs_diff_eq(&numeric, 1e-6), "{analytic} vs {numeric}");
     }
 
     #[test]

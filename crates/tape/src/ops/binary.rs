@@ -1,20 +1,21 @@
 //! Elementwise `add`, `sub`, `mul`, `div` with NumPy broadcasting. The forward broadcasts both
 //! operands to a common shape; the backward computes the gradient at that shape and sums it back
-//! to each operand's shape with [`sum_to_shape`], the one shared helper.
+//! to each operand's shape with [`sum_to_shape`](crate::sum_to_shape), the one shared helper.
 
 use ndarray::{ArrayD, ArrayViewD};
 
 use super::arity;
-use crate::{BackwardArgs, Element, Function, Result, Var, broadcast_shape, sum_to_shape};
+use crate::rule::{Rule, Tensor};
+use crate::{BackwardArgs, Element, Function, GraphArgs, Result, Var, broadcast_shape};
 
-/// The gradient `compute()` of a broadcast result summed back to an operand's `shape`, when the
+/// The gradient `compute()` of a broadcast result summed back to `operand`'s shape, when the
 /// operand needs it.
-fn summed_back<T: Element>(
+fn back<T: Element, V: Tensor<T>>(
     needed: bool,
-    compute: impl FnOnce() -> ArrayD<T>,
-    shape: &[usize],
-) -> Result<Option<ArrayD<T>>> {
-    needed.then(|| sum_to_shape(compute(), shape)).transpose()
+    compute: impl FnOnce() -> Result<V>,
+    operand: &V,
+) -> Result<Option<V>> {
+    needed.then(|| compute()?.summed_to(&operand.dims())).transpose()
 }
 
 fn operands<'a, 'b, T: Element>(
@@ -37,11 +38,20 @@ impl<T: Element> Function<T> for Add {
         Ok(a + b)
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        let (a, b) = operands(args.inputs);
-        let g = &args.grad_output;
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for Add {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = output;
+        let (a, b) = (&inputs[0], &inputs[1]);
         Ok(vec![
-            summed_back(args.needs_grad[0], || g.to_owned(), a.shape())?,
-            summed_back(args.needs_grad[1], || g.to_owned(), b.shape())?,
+            back(needs[0], || Ok(g.clone()), a)?,
+            back(needs[1], || Ok(g.clone()), b)?,
         ])
     }
 }
@@ -60,11 +70,20 @@ impl<T: Element> Function<T> for Sub {
         Ok(a - b)
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        let (a, b) = operands(args.inputs);
-        let g = &args.grad_output;
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for Sub {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = output;
+        let (a, b) = (&inputs[0], &inputs[1]);
         Ok(vec![
-            summed_back(args.needs_grad[0], || g.to_owned(), a.shape())?,
-            summed_back(args.needs_grad[1], || g.mapv(|g| -g), b.shape())?,
+            back(needs[0], || Ok(g.clone()), a)?,
+            back(needs[1], || Ok(g.clone().negated()), b)?,
         ])
     }
 }
@@ -83,11 +102,20 @@ impl<T: Element> Function<T> for Mul {
         Ok(a * b)
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        let (a, b) = operands(args.inputs);
-        let g = &args.grad_output;
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for Mul {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = output;
+        let (a, b) = (&inputs[0], &inputs[1]);
         Ok(vec![
-            summed_back(args.needs_grad[0], || g * b, a.shape())?,
-            summed_back(args.needs_grad[1], || g * a, b.shape())?,
+            back(needs[0], || g.clone().times(b), a)?,
+            back(needs[1], || g.clone().times(a), b)?,
         ])
     }
 }
@@ -106,11 +134,19 @@ impl<T: Element> Function<T> for Div {
         Ok(a / b)
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        let (a, b) = operands(args.inputs);
-        let g = &args.grad_output;
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for Div {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let (a, b) = (&inputs[0], &inputs[1]);
         Ok(vec![
-            summed_back(args.needs_grad[0], || g / b, a.shape())?,
-            summed_back(args.needs_grad[1], || -(g * &args.output) / b, b.shape())?,
+            back(needs[0], || g.clone().over(b), a)?,
+            back(needs[1], || g.clone().times(output)?.negated().over(b), b)?,
         ])
     }
 }

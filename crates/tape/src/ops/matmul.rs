@@ -7,9 +7,10 @@
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn};
 
+use super::arity;
 use super::shape::element_count;
-use super::{arity, grad_if};
-use crate::{BackwardArgs, Element, Function, Result, TapeError, Var, broadcast_shape, sum_to_shape};
+use crate::rule::{Rule, Tensor};
+use crate::{BackwardArgs, Element, Function, GraphArgs, Result, TapeError, Var, broadcast_shape};
 
 fn rank_error(x: &ArrayViewD<'_, impl Element>, what: &'static str) -> TapeError {
     TapeError::Shape {
@@ -144,24 +145,44 @@ impl<T: Element> Function<T> for MatMul {
         Ok(batched_product(a, b, &batch, [false, false]))
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        let (a, b, g) = (&args.inputs[0], &args.inputs[1], &args.grad_output);
-        if a.ndim() == 2 && b.ndim() == 2 {
-            let (a, b, g) = (two_d(a), two_d(b), two_d(g));
-            return Ok(vec![
-                grad_if(args.needs_grad[0], || g.dot(&b.t()).into_dyn()),
-                grad_if(args.needs_grad[1], || a.t().dot(&g).into_dyn()),
-            ]);
-        }
-        let batch = &batch_shape(a, b)?;
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for MatMul {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = output;
+        let (a, b) = (&inputs[0], &inputs[1]);
         Ok(vec![
-            args.needs_grad[0]
-                .then(|| sum_to_shape(batched_product(g, b, batch, [false, true]), a.shape()))
+            needs[0]
+                .then(|| g.product(b, [false, true])?.summed_to(&a.dims()))
                 .transpose()?,
-            args.needs_grad[1]
-                .then(|| sum_to_shape(batched_product(a, g, batch, [true, false]), b.shape()))
+            needs[1]
+                .then(|| a.product(g, [true, false])?.summed_to(&b.dims()))
                 .transpose()?,
         ])
     }
+}
+
+/// `a · b` with the last two axes of either transposed first (`transpose`), batch axes
+/// broadcast: the products of matmul's backward.
+pub(crate) fn product<T: Element>(
+    a: &ArrayViewD<'_, T>,
+    b: &ArrayViewD<'_, T>,
+    transpose: [bool; 2],
+) -> Result<ArrayD<T>> {
+    if a.ndim() == 2 && b.ndim() == 2 {
+        let (a, b) = (two_d(a), two_d(b));
+        let a = if transpose[0] { a.t() } else { a };
+        let b = if transpose[1] { b.t() } else { b };
+        return Ok(a.dot(&b).into_dyn());
+    }
+    let leading = |x: &ArrayViewD<'_, T>| x.shape()[..x.ndim().saturating_sub(2)].to_vec();
+    let batch = broadcast_shape("matmul", &leading(a), &leading(b))?;
+    Ok(batched_product(a, b, &batch, transpose))
 }
 
 /// A 2-D view of a value checked to be 2-D.

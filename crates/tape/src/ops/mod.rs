@@ -1,14 +1,15 @@
 //! The primitive ops. Each is a small type implementing [`Function`](crate::Function), the same
 //! public API a custom op uses, with its forward and its backward side by side, followed by the
-//! `Var` methods that record it.
+//! `Var` methods that record it. Each derivative rule is written once and serves both
+//! `backward` (on arrays) and a recorded backward (on `Var`s, differentiable again).
 //!
 //! | module | ops |
 //! |---|---|
 //! | [`binary`] | `add`, `sub`, `mul`, `div` with NumPy broadcasting |
 //! | [`unary`] | `neg`, `exp`, `ln`, `sqrt`, `powf`, `powi`, `abs`, `relu`, `sigmoid`, `tanh`, scalar `+`, `*` and `/` |
 //! | [`reduce`] | `sum`, `mean` over chosen axes or everything, `max` over an axis |
-//! | [`shape`] | `reshape`, `flatten`, `broadcast_to`, `transpose`, `detach` |
-//! | [`unfold`] | `unfold` (im2col) with `fold` as its backward, for convolution and pooling |
+//! | [`shape`] | `reshape`, `flatten`, `broadcast_to`, `transpose`, `swap_last_axes`, `detach` |
+//! | [`unfold`] | `unfold` (im2col) and its adjoint `fold` (col2im), for convolution and pooling |
 //! | [`matmul`] | matrix product, batched over leading axes |
 //! | [`operators`] | `+ - * /` and unary `-` on `Var`s and scalars |
 

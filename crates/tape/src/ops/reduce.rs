@@ -4,8 +4,9 @@
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
 
-use super::{arity, grad_if, infallible};
-use crate::{BackwardArgs, Element, Function, Result, TapeError, Var};
+use super::{arity, infallible};
+use crate::rule::{Rule, Tensor};
+use crate::{BackwardArgs, Element, Function, GraphArgs, Result, TapeError, Var};
 
 /// Sorted, de-duplicated axes, each checked against the rank.
 fn checked_axes(op: &'static str, axes: &[usize], ndim: usize) -> Result<Vec<usize>> {
@@ -42,19 +43,6 @@ fn sum_over<T: Element>(x: &ArrayViewD<'_, T>, axes: &[usize], keep_dims: bool) 
     }
 }
 
-/// The output gradient, reshaped to keep-dims form, broadcast back to the input's shape and
-/// divided by `count`.
-fn spread<T: Element>(g: &ArrayViewD<'_, T>, input_shape: &[usize], axes: &[usize], count: T) -> ArrayD<T> {
-    let kept = kept_shape(input_shape, axes);
-    let g = g
-        .to_shape(IxDyn(&kept))
-        .unwrap_or_else(|_| unreachable!("gradient has the output's element count"));
-    let g = g
-        .broadcast(IxDyn(input_shape))
-        .unwrap_or_else(|| unreachable!("keep-dims shape broadcasts to the input shape"));
-    g.mapv(|g| g / count)
-}
-
 /// Sum over `axes`. Backward: every input element receives the gradient of its sum.
 pub struct Sum {
     axes: Vec<usize>,
@@ -71,10 +59,22 @@ impl<T: Element> Function<T> for Sum {
         Ok(sum_over(&inputs[0], &self.axes, self.keep_dims))
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        let shape = args.inputs[0].shape();
-        Ok(vec![grad_if(args.needs_grad[0], || {
-            spread(&args.grad_output, shape, &self.axes, T::one())
-        })])
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for Sum {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = output;
+        let shape = inputs[0].dims();
+        let kept = kept_shape(&shape, &self.axes);
+        needs[0]
+            .then(|| g.clone().spread(&kept, &shape, T::one()))
+            .transpose()
+            .map(|g| vec![g])
     }
 }
 
@@ -103,11 +103,22 @@ impl<T: Element> Function<T> for Mean {
         Ok(sum_over(&inputs[0], &self.axes, self.keep_dims).mapv(|sum| sum / count))
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        let shape = args.inputs[0].shape();
-        let count: T = self.count(shape);
-        Ok(vec![grad_if(args.needs_grad[0], || {
-            spread(&args.grad_output, shape, &self.axes, count)
-        })])
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for Mean {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = output;
+        let shape = inputs[0].dims();
+        let (kept, count) = (kept_shape(&shape, &self.axes), self.count::<T>(&shape));
+        needs[0]
+            .then(|| g.clone().spread(&kept, &shape, count))
+            .transpose()
+            .map(|g| vec![g])
     }
 }
 
@@ -162,23 +173,28 @@ impl<T: Element> Function<T> for Max {
         })
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        Ok(vec![grad_if(args.needs_grad[0], || {
-            let mut grad = ArrayD::zeros(args.inputs[0].raw_dim());
-            let g = args.grad_output.view();
-            let g = if self.keep_dims {
-                g.index_axis_move(Axis(self.axis), 0)
-            } else {
-                g
-            };
-            Zip::from(grad.lanes_mut(Axis(self.axis)))
-                .and(&self.argmax)
-                .and(&g)
-                .for_each(|mut lane, &i, &g| lane[i] = g);
-            grad
-        })])
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
     }
     fn saved_bytes(&self) -> usize {
         self.argmax.len() * std::mem::size_of::<usize>()
+    }
+}
+
+impl<T: Element> Rule<T> for Max {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = output;
+        let lanes = Lanes {
+            argmax: &self.argmax,
+            axis: self.axis,
+            keep_dims: self.keep_dims,
+        };
+        needs[0]
+            .then(|| g.clone().scattered(lanes, &inputs[0].dims()))
+            .transpose()
+            .map(|g| vec![g])
     }
 }
 
@@ -252,6 +268,10 @@ impl<'t, T: Element> Var<'t, T> {
         )
     }
 }
+
+mod lanes;
+
+pub(crate) use self::lanes::{GatherLanes, Lanes, ScatterLanes};
 
 #[cfg(test)]
 mod tests {

@@ -4,8 +4,9 @@
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
-use super::{arity, grad_if};
-use crate::{BackwardArgs, Element, Function, Result, TapeError, Var, sum_to_shape};
+use super::arity;
+use crate::rule::{Rule, Tensor};
+use crate::{BackwardArgs, Element, Function, GraphArgs, Result, TapeError, Var};
 
 /// Row-major reshape to `shape`. Backward: reshape the gradient to the input's shape.
 pub struct Reshape {
@@ -30,9 +31,21 @@ impl<T: Element> Function<T> for Reshape {
         Ok(reshaped(x, &self.shape))
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        Ok(vec![grad_if(args.needs_grad[0], || {
-            reshaped(&args.grad_output, args.inputs[0].shape())
-        })])
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for Reshape {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = output;
+        let shape = inputs[0].dims();
+        needs[0]
+            .then(|| g.clone().reshaped(&shape))
+            .transpose()
+            .map(|g| vec![g])
     }
 }
 
@@ -56,7 +69,7 @@ fn reshaped<T: Element>(x: &ArrayViewD<'_, T>, shape: &[usize]) -> ArrayD<T> {
         .into_owned()
 }
 
-/// Broadcast (NumPy rules) to `shape`. Backward: sum the gradient back with [`sum_to_shape`].
+/// Broadcast (NumPy rules) to `shape`. Backward: sum the gradient back with [`sum_to_shape`](crate::sum_to_shape).
 pub struct BroadcastTo {
     shape: Vec<usize>,
 }
@@ -85,12 +98,21 @@ impl<T: Element> Function<T> for BroadcastTo {
         }
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        let needed = args.needs_grad[0];
-        Ok(vec![
-            needed
-                .then(|| sum_to_shape(args.grad_output.to_owned(), args.inputs[0].shape()))
-                .transpose()?,
-        ])
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for BroadcastTo {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = output;
+        let shape = inputs[0].dims();
+        needs[0]
+            .then(|| g.clone().summed_to(&shape))
+            .transpose()
+            .map(|g| vec![g])
     }
 }
 
@@ -112,16 +134,106 @@ impl<T: Element> Function<T> for Transpose {
                 got: x.shape().to_vec(),
             });
         }
-        Ok(x.t().as_standard_layout().into_owned())
+        Ok(swap_last(x))
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        Ok(vec![grad_if(args.needs_grad[0], || {
-            args.grad_output.t().as_standard_layout().into_owned()
-        })])
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for Transpose {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = (inputs, output);
+        needs[0]
+            .then(|| g.clone().swapped_last())
+            .transpose()
+            .map(|g| vec![g])
+    }
+}
+
+/// A copy with the last two axes swapped (`a[..., i, j]` becomes `a[..., j, i]`).
+pub(crate) fn swap_last<T: Element>(x: &ArrayViewD<'_, T>) -> ArrayD<T> {
+    let mut view = x.view();
+    let rank = view.ndim();
+    view.swap_axes(rank - 2, rank - 1);
+    view.as_standard_layout().into_owned()
+}
+
+/// The last two axes swapped, for rank 2 or more: each matrix of a batch transposed (PyTorch's
+/// `x.mT`). Backward: swap the gradient's.
+pub struct SwapLastAxes;
+
+impl<T: Element> Function<T> for SwapLastAxes {
+    fn name(&self) -> &str {
+        "swap_last_axes"
+    }
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("swap_last_axes", inputs, 1)?;
+        let x = &inputs[0];
+        if x.ndim() < 2 {
+            return Err(TapeError::Shape {
+                op: "swap_last_axes",
+                what: "the input",
+                expected: "rank 2 or more".into(),
+                got: x.shape().to_vec(),
+            });
+        }
+        Ok(swap_last(x))
+    }
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for SwapLastAxes {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = (inputs, output);
+        needs[0]
+            .then(|| g.clone().swapped_last())
+            .transpose()
+            .map(|g| vec![g])
     }
 }
 
 impl<'t, T: Element> Var<'t, T> {
+    /// This value summed down to `shape`, a shape it was broadcast from (NumPy's rules): the
+    /// backward of a broadcast, on the tape.
+    ///
+    /// # Errors
+    /// [`TapeError::Shape`](crate::TapeError::Shape) when `shape` does not broadcast to this
+    /// value's shape.
+    pub fn sum_to(self, shape: &[usize]) -> Result<Var<'t, T>> {
+        let own = self.shape();
+        if own == shape {
+            return Ok(self);
+        }
+        let broadcasts = shape.len() <= own.len()
+            && shape
+                .iter()
+                .rev()
+                .zip(own.iter().rev())
+                .all(|(&s, &o)| s == o || s == 1);
+        if !broadcasts {
+            return Err(crate::TapeError::Shape {
+                op: "sum_to",
+                what: "the target shape",
+                expected: format!("a shape that broadcasts to {own:?}"),
+                got: shape.to_vec(),
+            });
+        }
+        let leading = own.len() - shape.len();
+        let axes: Vec<usize> = (0..own.len())
+            .filter(|&axis| axis < leading || (shape[axis - leading] == 1 && own[axis] != 1))
+            .collect();
+        self.sum_axes(&axes, true)?.reshape(shape)
+    }
+
     /// The same value as a constant on the same tape: no gradient flows back through it, as
     /// PyTorch's `x.detach()`. The value is copied (a constant owns its value).
     ///
@@ -177,6 +289,14 @@ impl<'t, T: Element> Var<'t, T> {
                 got: shape.to_vec(),
             }),
         }
+    }
+
+    /// The last two axes swapped, for rank 2 or more: each matrix of a batch transposed.
+    ///
+    /// # Errors
+    /// [`TapeError::Shape`] for rank 0 or 1.
+    pub fn swap_last_axes(self) -> Result<Var<'t, T>> {
+        self.tape.apply(SwapLastAxes, &[self])
     }
 
     /// Broadcast to `shape` (NumPy rules), copying.

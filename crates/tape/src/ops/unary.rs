@@ -4,7 +4,8 @@
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::{arity, grad_if, infallible};
-use crate::{BackwardArgs, Element, Function, Result, Var};
+use crate::rule::Elem;
+use crate::{BackwardArgs, Element, Function, GraphArgs, Result, Var};
 
 /// `g · f'(x, y)` elementwise, where `x` is the input and `y` the output.
 fn chain<T: Element>(args: &BackwardArgs<'_, T>, derivative: impl Fn(T, T) -> T) -> Vec<Option<ArrayD<T>>> {
@@ -16,10 +17,33 @@ fn chain<T: Element>(args: &BackwardArgs<'_, T>, derivative: impl Fn(T, T) -> T)
     })]
 }
 
+/// `g · f'(x, y)` recorded on the tape, the same rule applied to `Var`s.
+fn chain_graph<'t, T: Element>(
+    args: &GraphArgs<'_, 't, T>,
+    derivative: impl Fn(Var<'t, T>, Var<'t, T>) -> Var<'t, T>,
+) -> Result<Vec<Option<Var<'t, T>>>> {
+    Ok(vec![if args.needs_grad[0] {
+        Some(
+            args.grad_output
+                .try_mul(derivative(args.inputs[0], args.output))?,
+        )
+    } else {
+        None
+    }])
+}
+
 macro_rules! unary_op {
     ($(#[$doc:meta])* $name:ident, $label:literal, forward: |$x:ident| $forward:expr, backward: |$bx:pat_param, $by:pat_param| $backward:expr) => {
         $(#[$doc])*
         pub struct $name;
+
+        impl $name {
+            /// The derivative, one rule for scalars and for `Var`s.
+            #[inline(always)]
+            fn derivative<T: Element, E: Elem<T>>($bx: E, $by: E) -> E {
+                $backward
+            }
+        }
 
         impl<T: Element> Function<T> for $name {
             fn name(&self) -> &str {
@@ -30,7 +54,10 @@ macro_rules! unary_op {
                 Ok(inputs[0].mapv(|$x: T| $forward))
             }
             fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-                Ok(chain(args, |$bx: T, $by: T| $backward))
+                Ok(chain(args, |x: T, y: T| Self::derivative::<T, T>(x, y)))
+            }
+            fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+                chain_graph(args, |x, y| Self::derivative::<T, Var<'t, T>>(x, y))
             }
         }
     };
@@ -38,7 +65,7 @@ macro_rules! unary_op {
 
 unary_op!(
     /// `-x`; derivative `-1`.
-    Neg, "neg", forward: |x| -x, backward: |_, _| -T::one()
+    Neg, "neg", forward: |x| -x, backward: |x, _| x.lit(-T::one())
 );
 unary_op!(
     /// `eˣ`; derivative `eˣ = y`.
@@ -54,22 +81,42 @@ unary_op!(
 );
 unary_op!(
     /// `|x|`; derivative `sign(x)`, taken as 0 at 0 (as PyTorch).
-    Abs, "abs", forward: |x| x.abs(), backward: |x, _| if x > T::zero() { T::one() } else if x < T::zero() { -T::one() } else { T::zero() }
+    Abs, "abs", forward: |x| x.abs(), backward: |x, _| x.sign()
 );
 unary_op!(
     /// `max(x, 0)`, NaN for NaN (as IEEE `maximum`, NumPy and PyTorch); derivative 0 where
     /// `x <= 0` (0 at 0, as PyTorch), else 1 (so a NaN passes the gradient on, as in PyTorch).
-    Relu, "relu", forward: |x| if x <= T::zero() { T::zero() } else { x }, backward: |x, _| if x <= T::zero() { T::zero() } else { T::one() }
+    Relu, "relu", forward: |x| if x <= T::zero() { T::zero() } else { x }, backward: |x, _| x.step()
 );
 unary_op!(
     /// The logistic function `1 / (1 + e⁻ˣ)`, evaluated without overflow for large `|x|`;
     /// derivative `y (1 - y)`.
-    Sigmoid, "sigmoid", forward: |x| sigmoid(x), backward: |_, y| y * (T::one() - y)
+    Sigmoid, "sigmoid", forward: |x| sigmoid(x), backward: |_, y| y * -(y - T::one())
 );
 unary_op!(
     /// `tanh x`; derivative `1 - y²`.
-    Tanh, "tanh", forward: |x| x.tanh(), backward: |_, y| T::one() - y * y
+    Tanh, "tanh", forward: |x| x.tanh(), backward: |_, y| -(y * y - T::one())
 );
+
+/// A piecewise-constant function of `x` (a step or a sign, inside another op's derivative):
+/// its derivative is 0 wherever it is defined, so no gradient flows through it.
+pub struct Piecewise<T>(pub fn(T) -> T);
+
+impl<T: Element> Function<T> for Piecewise<T> {
+    fn name(&self) -> &str {
+        "piecewise"
+    }
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
+        arity("piecewise", inputs, 1)?;
+        Ok(inputs[0].mapv(self.0))
+    }
+    fn backward(&self, _: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        Ok(vec![None])
+    }
+    fn backward_graph<'t>(&self, _: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        Ok(vec![None])
+    }
+}
 
 /// `1 / (1 + e⁻ˣ)` for `x ≥ 0` and `eˣ / (1 + eˣ)` below, so `exp` never overflows.
 fn sigmoid<T: Element>(x: T) -> T {
@@ -95,14 +142,22 @@ impl<T: Element> Function<T> for PowF<T> {
         Ok(inputs[0].mapv(|x| x.powf(p)))
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        Ok(chain(args, |x: T, _| self.derivative(x)))
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        chain_graph(args, |x, _| self.derivative(x))
+    }
+}
+
+impl<T: Element> PowF<T> {
+    #[inline(always)]
+    fn derivative<E: Elem<T>>(&self, x: E) -> E {
         let p = self.0;
-        Ok(chain(args, |x, _| {
-            if p == T::zero() {
-                T::zero()
-            } else {
-                p * x.powf(p - T::one())
-            }
-        }))
+        if p == T::zero() {
+            x.lit(T::zero())
+        } else {
+            x.powf(p - T::one()) * p
+        }
     }
 }
 
@@ -119,11 +174,22 @@ impl<T: Element> Function<T> for PowI {
         Ok(inputs[0].mapv(|x| x.powi(n)))
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
+        Ok(chain(args, |x: T, _| self.derivative(x)))
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        chain_graph(args, |x, _| self.derivative(x))
+    }
+}
+
+impl PowI {
+    #[inline(always)]
+    fn derivative<T: Element, E: Elem<T>>(&self, x: E) -> E {
         let n = self.0;
-        let n_as_t = T::from_f64_lossy(f64::from(n));
-        Ok(chain(args, |x, _| {
-            if n == 0 { T::zero() } else { n_as_t * x.powi(n - 1) }
-        }))
+        if n == 0 {
+            x.lit(T::zero())
+        } else {
+            x.powi(n - 1) * T::from_f64_lossy(f64::from(n))
+        }
     }
 }
 
@@ -141,6 +207,9 @@ impl<T: Element> Function<T> for AddScalar<T> {
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
         Ok(vec![grad_if(args.needs_grad[0], || args.grad_output.to_owned())])
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        Ok(vec![args.needs_grad[0].then_some(args.grad_output)])
     }
 }
 
@@ -163,6 +232,11 @@ impl<T: Element> Function<T> for DivScalar<T> {
             args.grad_output.mapv(|g| g / c)
         })])
     }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        Ok(vec![
+            args.needs_grad[0].then(|| args.grad_output.div_scalar(self.0)),
+        ])
+    }
 }
 
 /// `c / x` for a scalar `c`; derivative `-c / x² = -y / x`, applied as `-(g · y) / x` (no `x²`,
@@ -179,8 +253,17 @@ impl<T: Element> Function<T> for ScalarDiv<T> {
         Ok(inputs[0].mapv(|x| c / x))
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        Ok(chain(args, |x, y| -y / x))
+        Ok(chain(args, |x: T, y: T| scalar_div_derivative(x, y)))
     }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        chain_graph(args, scalar_div_derivative)
+    }
+}
+
+/// `d(c / x)/dx = -y / x`.
+#[inline(always)]
+fn scalar_div_derivative<T: Element, E: Elem<T>>(x: E, y: E) -> E {
+    -y / x
 }
 
 /// `c · x` for a scalar `c`; derivative `c`.
@@ -200,6 +283,11 @@ impl<T: Element> Function<T> for MulScalar<T> {
         Ok(vec![grad_if(args.needs_grad[0], || {
             args.grad_output.mapv(|g| c * g)
         })])
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        Ok(vec![
+            args.needs_grad[0].then(|| args.grad_output.mul_scalar(self.0)),
+        ])
     }
 }
 
@@ -263,6 +351,11 @@ impl<'t, T: Element> Var<'t, T> {
     /// `-x` (also `-x` with the operator).
     pub fn negate(self) -> Var<'t, T> {
         self.unary(Neg)
+    }
+    /// `f(x)` elementwise for a piecewise-constant `f` (a step, a sign): no gradient flows
+    /// through it.
+    pub(crate) fn piecewise(self, f: fn(T) -> T) -> Var<'t, T> {
+        self.unary(Piecewise(f))
     }
 }
 

@@ -8,11 +8,12 @@
 
 use std::ops::Range;
 
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD};
 
 use super::arity;
 use super::shape::element_count;
-use crate::{BackwardArgs, Element, Function, Result, TapeError, Var};
+use crate::rule::{Rule, Tensor};
+use crate::{BackwardArgs, Element, Function, GraphArgs, Result, TapeError, Var};
 
 /// A sliding window over the last two axes of `(N, C, H, W)` data, each setting as
 /// `[height, width]`: the kernel size, the stride, the zero padding added on each side and the
@@ -398,23 +399,6 @@ impl<T: Element> Unfold<T> {
     pub fn new(window: Window2d, pad: T) -> Self {
         Unfold { window, pad }
     }
-
-    /// `[N, C, H, W]`, the output's shape `[N, C·kH·kW, oH·oW]`, checked.
-    fn shapes(&self, x_shape: &[usize]) -> Result<([usize; 4], [usize; 3])> {
-        let [out_h, out_w] = self.window.output_size("unfold", x_shape)?;
-        let &[n, c, h, w] = x_shape else {
-            unreachable!("output_size checked the rank");
-        };
-        let [kh, kw] = self.window.kernel;
-        let out = [n, c, kh, kw, out_h, out_w];
-        match element_count::<T>(&out) {
-            Some(_) => Ok(([n, c, h, w], [n, c * kh * kw, out_h * out_w])),
-            None => Err(TapeError::TooLarge {
-                op: "unfold",
-                shape: out.to_vec(),
-            }),
-        }
-    }
 }
 
 impl<T: Element> Function<T> for Unfold<T> {
@@ -423,40 +407,24 @@ impl<T: Element> Function<T> for Unfold<T> {
     }
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> Result<ArrayD<T>> {
         arity("unfold", inputs, 1)?;
-        let ([n, c, h, w], out_shape) = self.shapes(inputs[0].shape())?;
-        let x = inputs[0].as_standard_layout();
-        let x = x
-            .as_slice()
-            .unwrap_or_else(|| unreachable!("standard layout is contiguous"));
-        let (image_len, per_sample) = (c * h * w, out_shape[1] * out_shape[2]);
-        let mut out = vec![self.pad; n * per_sample];
-        if image_len > 0 {
-            for (image, cols) in x.chunks_exact(image_len).zip(out.chunks_exact_mut(per_sample)) {
-                im2col(image, [c, h, w], &self.window, self.pad, cols)?;
-            }
-        }
-        Ok(ArrayD::from_shape_vec(IxDyn(&out_shape), out).unwrap_or_else(|_| unreachable!("count checked")))
+        unfold_array(&inputs[0], &self.window, self.pad)
     }
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        if !args.needs_grad[0] {
-            return Ok(vec![None]);
-        }
-        let ([n, c, h, w], out_shape) = self.shapes(args.inputs[0].shape())?;
-        let g = args.grad_output.as_standard_layout();
-        let g = g
-            .as_slice()
-            .unwrap_or_else(|| unreachable!("standard layout is contiguous"));
-        let (image_len, per_sample) = (c * h * w, out_shape[1] * out_shape[2]);
-        let mut dx = vec![T::zero(); n * image_len];
-        if image_len > 0 {
-            for (image, cols) in dx.chunks_exact_mut(image_len).zip(g.chunks_exact(per_sample)) {
-                col2im_add(cols, [c, h, w], &self.window, image)?;
-            }
-        }
-        Ok(vec![Some(
-            ArrayD::from_shape_vec(IxDyn(&[n, c, h, w]), dx)
-                .unwrap_or_else(|_| unreachable!("count checked")),
-        )])
+        self.eager(args)
+    }
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
+        self.graph(args)
+    }
+}
+
+impl<T: Element> Rule<T> for Unfold<T> {
+    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
+        let _ = output;
+        let shape = inputs[0].dims();
+        needs[0]
+            .then(|| g.clone().folded(&self.window, &shape))
+            .transpose()
+            .map(|g| vec![g])
     }
 }
 
@@ -491,6 +459,11 @@ impl<'t, T: Element> Var<'t, T> {
         self.tape.apply(Unfold::new(window, pad), &[self])
     }
 }
+
+mod fold;
+
+pub use self::fold::Fold;
+pub(crate) use self::fold::{fold_array, unfold_array};
 
 #[cfg(test)]
 mod tests;
