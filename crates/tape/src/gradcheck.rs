@@ -210,22 +210,32 @@ impl GradCheck {
             .collect();
 
         // The loss L = sum(f(inputs) · w) at perturbed inputs.
-        let mut working: Vec<ArrayD<f64>> = inputs.to_vec();
-        let mut loss =
-            |working: &[ArrayD<f64>], moved: (usize, &[usize], f64)| -> Result<f64, GradCheckError> {
-                let tape = Tape::new();
-                let vars: Vec<_> = working.iter().map(|x| tape.var(x.clone())).collect();
-                let value = f(&tape, &vars)?.value();
-                if value.shape() != output_shape.as_slice() {
-                    return Err(GradCheckError::OutputShapeChanged {
-                        expected: output_shape.clone(),
-                        got: value.shape().to_vec(),
-                    });
-                }
-                check_finite(&value, Some((moved.0, moved.1.to_vec(), moved.2)))?;
-                Ok(value.iter().zip(weights.iter()).map(|(y, w)| y * w).sum())
-            };
+        let loss = |working: &[ArrayD<f64>], moved: (usize, &[usize], f64)| -> Result<f64, GradCheckError> {
+            let tape = Tape::new();
+            let vars: Vec<_> = working.iter().map(|x| tape.var(x.clone())).collect();
+            let value = f(&tape, &vars)?.value();
+            if value.shape() != output_shape.as_slice() {
+                return Err(GradCheckError::OutputShapeChanged {
+                    expected: output_shape.clone(),
+                    got: value.shape().to_vec(),
+                });
+            }
+            check_finite(&value, Some((moved.0, moved.1.to_vec(), moved.2)))?;
+            Ok(value.iter().zip(weights.iter()).map(|(y, w)| y * w).sum())
+        };
+        self.compare(&analytic, inputs, loss)
+    }
 
+    /// Each element of `analytic` (the gradient of a scalar loss with respect to each input)
+    /// against central differences of `loss` at the inputs moved by `±step`, one element at a
+    /// time (`loss` also gets which input, which element and by how much, for its messages).
+    fn compare(
+        &self,
+        analytic: &[ArrayD<f64>],
+        inputs: &[ArrayD<f64>],
+        mut loss: impl FnMut(&[ArrayD<f64>], (usize, &[usize], f64)) -> Result<f64, GradCheckError>,
+    ) -> Result<GradCheckReport, GradCheckError> {
+        let mut working: Vec<ArrayD<f64>> = inputs.to_vec();
         let mut reports = Vec::with_capacity(inputs.len());
         let mut worst: Option<(f64, GradCheckError)> = None;
         let (mut checked, mut mismatches) = (0, 0);
@@ -411,6 +421,10 @@ where
 {
     GradCheck::default().run(f, inputs)
 }
+
+mod second_order;
+
+pub use self::second_order::check_second_order;
 
 #[cfg(test)]
 mod tests;

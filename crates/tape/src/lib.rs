@@ -48,7 +48,9 @@ pub use broadcast::{broadcast_shape, sum_to_shape};
 pub use element::Element;
 pub use error::{Result, TapeError};
 pub use function::{BackwardArgs, Function, GraphArgs};
-pub use gradcheck::{GradCheck, GradCheckError, GradCheckReport, InputReport, check_gradients};
+pub use gradcheck::{
+    GradCheck, GradCheckError, GradCheckReport, InputReport, check_gradients, check_second_order,
+};
 pub use tape::{GradOptions, Gradients, Tape, Var, VarId};
 
 #[cfg(test)]

@@ -368,6 +368,12 @@ mod tests {
         let numeric = (gradient(&x0 + &(&v * h)) - gradient(&x0 - &(&v * h))) / (2.0 * h);
         let analytic = hvp.wrt(x).unwrap();
         assert!(analytic.abs_diff_eq(&numeric, 1e-6), "{analytic} vs {numeric}");
+        // The second-order checker: the composition passes, for x, gamma and beta.
+        let inputs = [x0, gamma.into_dyn(), beta.into_dyn()];
+        let report =
+            tape::check_second_order(|_, v| Ok(batch_norm_composed(v[0], v[1], v[2], 1e-5)?), &inputs)
+                .unwrap();
+        assert_eq!(report.checked, 15 + 3 + 3);
     }
 
     #[test]
