@@ -1,10 +1,11 @@
-//! Checks this project's BatchNorm, convolution, pooling, LayerNorm and GroupNorm against a
-//! golden file of PyTorch results.
+//! Checks this project's BatchNorm (also its second derivatives), convolution, pooling, LayerNorm
+//! and GroupNorm against a golden file of PyTorch results.
 //!
 //! ```sh
 //! cargo run --release --example golden -- tests/data/pytorch_batchnorm.json --dtype f32
 //! cargo run --release --example golden -- tests/data/pytorch_conv_pool.json
 //! cargo run --release --example golden -- tests/data/pytorch_layer_group_norm.json
+//! cargo run --release --example golden -- tests/data/pytorch_batchnorm_double_backward.json
 //! ```
 //!
 //! Prints one line per case with the relative error (max abs error / max abs reference) of each

@@ -12,6 +12,10 @@ const NORM: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/data/pytorch_layer_group_norm.json"
 );
+const DOUBLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/pytorch_batchnorm_double_backward.json"
+);
 
 fn cases() -> Vec<golden::Case> {
     golden::load(GOLDEN).expect("the vendored golden file parses")
@@ -31,6 +35,52 @@ fn all_cases() -> Vec<golden::Case> {
         .chain(conv_pool_cases())
         .chain(norm_cases())
         .collect()
+}
+
+#[test]
+fn batchnorms_second_derivatives_match_pytorch_to_1e_minus_10_in_f64() {
+    let cases = golden::load(DOUBLE).expect("the vendored golden file parses");
+    assert_eq!(cases.len(), 5);
+    let mut evaluation = 0;
+    for case in &cases {
+        let CaseKind::DoubleBackward(double) = &case.kind else {
+            panic!("{}: expected double_backward", case.name)
+        };
+        evaluation += usize::from(double.running.is_some());
+        let report = check_case::<f64>(case).unwrap();
+        let names: Vec<&str> = report.errors.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "composed.dx",
+                "composed.dgamma",
+                "composed.dbeta",
+                "composed.d_x",
+                "composed.d_gamma",
+                "composed.d_dout"
+            ]
+        );
+        assert!(report.max_error() <= 1e-10, "{report}");
+    }
+    assert_eq!(evaluation, 2, "training and evaluation mode");
+    // A wrong second-order reference is reported.
+    let mut case = cases[0].clone();
+    let CaseKind::DoubleBackward(double) = &mut case.kind else {
+        unreachable!()
+    };
+    let d_x = &mut double.expected[3].1.data;
+    let largest = (0..d_x.len())
+        .max_by(|&a, &b| d_x[a].abs().total_cmp(&d_x[b].abs()))
+        .unwrap();
+    d_x[largest] *= 1.0 + 1e-6;
+    let report = check_case::<f64>(&case).unwrap();
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|(n, e)| n == "composed.d_x" && *e > 1e-8),
+        "{report}"
+    );
 }
 
 #[test]
@@ -223,13 +273,13 @@ fn malformed_files_get_clear_errors() {
     assert_eq!(
         format_problem(r#"{"cases": [{"name": "b", "kind": "test", "eps": 1e-5}]}"#),
         "cases[0] (\"b\").kind: expected \"train\", \"sequence\", \"conv2d\", \"max_pool2d\", \
-         \"avg_pool2d\", \"layer_norm\" or \"group_norm\", got \"test\""
+         \"avg_pool2d\", \"layer_norm\", \"group_norm\" or \"double_backward\", got \"test\""
     );
     // A kind that is not a string said "got None".
     assert_eq!(
         format_problem(r#"{"cases": [{"name": "c", "kind": 7, "eps": 1e-5}]}"#),
         "cases[0] (\"c\").kind: expected \"train\", \"sequence\", \"conv2d\", \"max_pool2d\", \
-         \"avg_pool2d\", \"layer_norm\" or \"group_norm\", got 7"
+         \"avg_pool2d\", \"layer_norm\", \"group_norm\" or \"double_backward\", got 7"
     );
     // Take a real case and break one array.
     let text = std::fs::read_to_string(GOLDEN).unwrap();

@@ -324,10 +324,11 @@ proptest! {
 }
 
 /// The golden files, each of its own kinds.
-const FILES: [&str; 3] = [
+const FILES: [&str; 4] = [
     include_str!("data/pytorch_batchnorm.json"),
     include_str!("data/pytorch_conv_pool.json"),
     include_str!("data/pytorch_layer_group_norm.json"),
+    include_str!("data/pytorch_batchnorm_double_backward.json"),
 ];
 
 /// Parses a golden file and checks every case it accepts, in f64 and in f32.

@@ -2,7 +2,8 @@
 //! `tests/data/`, described in its README): every case is recomputed with this project's code in
 //! `f32` or `f64` and compared with the file. The kinds are BatchNorm's `train` and `sequence`
 //! ([`TrainCase`], [`SequenceCase`]), `conv2d`, `max_pool2d` and `avg_pool2d` ([`ConvCase`],
-//! [`PoolCase`]), and `layer_norm` and `group_norm` ([`NormCase`]).
+//! [`PoolCase`]), `layer_norm` and `group_norm` ([`NormCase`]), and BatchNorm's
+//! `double_backward` ([`DoubleBackwardCase`]).
 //!
 //! Each comparison is a relative error: the largest absolute difference divided by the largest
 //! absolute reference value (the absolute difference where the reference is all zeros).
@@ -12,6 +13,7 @@ use std::path::Path;
 
 mod batch_norm;
 mod conv;
+mod double;
 mod norm;
 
 use ndarray::{Array1, ArrayD, IxDyn};
@@ -20,6 +22,7 @@ use tape::Element;
 
 pub use self::batch_norm::{SequenceCase, Step, TrainCase};
 pub use self::conv::{ConvCase, PoolCase};
+pub use self::double::DoubleBackwardCase;
 pub use self::norm::{NormCase, Normalized};
 
 /// Why a golden file could not be used.
@@ -92,6 +95,8 @@ pub enum CaseKind {
     Pool(PoolCase),
     /// A LayerNorm or GroupNorm, forward and backward.
     Norm(NormCase),
+    /// BatchNorm differentiated twice.
+    DoubleBackward(DoubleBackwardCase),
 }
 
 impl CaseKind {
@@ -103,13 +108,13 @@ impl CaseKind {
             CaseKind::Conv2d(_) => "conv2d",
             CaseKind::Pool(pool) => pool.kind_name(),
             CaseKind::Norm(norm) => norm.kind_name(),
+            CaseKind::DoubleBackward(_) => "double_backward",
         }
     }
 }
 
 /// The kinds a file may hold.
-const KINDS: &str =
-    "\"train\", \"sequence\", \"conv2d\", \"max_pool2d\", \"avg_pool2d\", \"layer_norm\" or \"group_norm\"";
+const KINDS: &str = "\"train\", \"sequence\", \"conv2d\", \"max_pool2d\", \"avg_pool2d\", \"layer_norm\", \"group_norm\" or \"double_backward\"";
 
 /// One case of the file.
 #[derive(Debug, Clone)]
@@ -314,6 +319,7 @@ fn parse_case(index: usize, value: &Value) -> Result<Case, GoldenError> {
         Some(kind @ ("layer_norm" | "group_norm")) => {
             CaseKind::Norm(norm::parse_norm(&case, kind == "layer_norm")?)
         }
+        Some("double_backward") => CaseKind::DoubleBackward(double::parse_double_backward(&case)?),
         _ => {
             return Err(format_error(
                 format!("{}.kind", case.at),
@@ -366,6 +372,7 @@ pub fn check_case<T: Element>(case: &Case) -> Result<CaseReport, GoldenError> {
         CaseKind::Conv2d(conv) => conv::check_conv::<T>(conv),
         CaseKind::Pool(pool) => conv::check_pool::<T>(pool),
         CaseKind::Norm(norm) => norm::check_norm::<T>(norm),
+        CaseKind::DoubleBackward(double) => double::check_double_backward::<T>(double),
     }
     .map_err(layer_error)?;
     Ok(CaseReport {
