@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::{Tape, TapeError, Var};
+use crate::{Gradients, Tape, TapeError, Var};
 
 /// Settings of a gradient check; [`GradCheck::default`] gives PyTorch's `gradcheck` defaults.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -198,16 +198,7 @@ impl GradCheck {
         let output_shape = output.shape();
         let weights = self.output_weights(&output_shape);
         let grads = output.backward_with(weights.clone())?;
-        let analytic: Vec<ArrayD<f64>> = vars
-            .iter()
-            .zip(inputs)
-            .map(|(&v, x)| {
-                grads
-                    .get(v)
-                    .cloned()
-                    .unwrap_or_else(|| ArrayD::zeros(x.raw_dim()))
-            })
-            .collect();
+        let analytic = gradients_or_zeros(&grads, &vars, inputs);
 
         // The loss L = sum(f(inputs) · w) at perturbed inputs.
         let loss = |working: &[ArrayD<f64>], moved: (usize, &[usize], f64)| -> Result<f64, GradCheckError> {
@@ -344,6 +335,21 @@ impl GradCheck {
         let mut rng = StdRng::seed_from_u64(self.seed);
         ArrayD::from_shape_simple_fn(shape, || StandardNormal.sample(&mut rng))
     }
+}
+
+/// The gradient of each input (zeros where the output does not depend on it).
+fn gradients_or_zeros(
+    grads: &Gradients<f64>,
+    vars: &[Var<'_, f64>],
+    inputs: &[ArrayD<f64>],
+) -> Vec<ArrayD<f64>> {
+    let gradient = |(&v, x): (&Var<'_, f64>, &ArrayD<f64>)| {
+        grads
+            .get(v)
+            .cloned()
+            .unwrap_or_else(|| ArrayD::zeros(x.raw_dim()))
+    };
+    vars.iter().zip(inputs).map(gradient).collect()
 }
 
 /// [`GradCheckError::NonFiniteOutput`] at the first output element that is NaN or infinite.

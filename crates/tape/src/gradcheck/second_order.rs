@@ -17,7 +17,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::{GradCheck, GradCheckError, GradCheckReport};
+use super::{GradCheck, GradCheckError, GradCheckReport, gradients_or_zeros};
 use crate::{GradOptions, Tape, TapeError, Var};
 
 /// Random normal values of `shape`, from `seed`.
@@ -85,16 +85,7 @@ impl GradCheck {
             }
         }
         let grads = total.backward()?;
-        let analytic: Vec<ArrayD<f64>> = vars
-            .iter()
-            .zip(inputs)
-            .map(|(&v, x)| {
-                grads
-                    .get(v)
-                    .cloned()
-                    .unwrap_or_else(|| ArrayD::zeros(x.raw_dim()))
-            })
-            .collect();
+        let analytic = gradients_or_zeros(&grads, &vars, inputs);
         // Numeric: central differences of Σᵢ sum(gᵢ · vᵢ), the first-order gradients gᵢ by the
         // ops' own backward.
         let loss = |working: &[ArrayD<f64>], _: (usize, &[usize], f64)| -> Result<f64, GradCheckError> {

@@ -136,21 +136,12 @@ impl<T: Element> Function<T> for Transpose {
         }
         Ok(swap_last(x))
     }
+    // The transpose of a 2-D value is `swap_last_axes`: the same derivative.
     fn backward(&self, args: &BackwardArgs<'_, T>) -> Result<Vec<Option<ArrayD<T>>>> {
-        self.eager(args)
+        SwapLastAxes.eager(args)
     }
     fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> Result<Vec<Option<Var<'t, T>>>> {
-        self.graph(args)
-    }
-}
-
-impl<T: Element> Rule<T> for Transpose {
-    fn rule<V: Tensor<T>>(&self, inputs: &[V], output: &V, g: &V, needs: &[bool]) -> Result<Vec<Option<V>>> {
-        let _ = (inputs, output);
-        needs[0]
-            .then(|| g.clone().swapped_last())
-            .transpose()
-            .map(|g| vec![g])
+        SwapLastAxes.graph(args)
     }
 }
 
