@@ -88,7 +88,7 @@ pub use optim::{Adam, AdamW, Optimizer, Sgd};
 
 pub use batch_norm::{
     BatchNorm, BatchNormCache, BatchNormGrads, BatchNormNode, batch_norm, batch_norm_composed,
-    batchnorm_backward, batchnorm_forward,
+    batch_norm_eval, batchnorm_backward, batchnorm_forward,
 };
 pub use error::{Error, Result};
 pub use param::Parameter;

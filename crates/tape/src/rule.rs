@@ -122,6 +122,10 @@ pub(crate) trait Tensor<T: Element>: Clone {
     fn folded(self, window: &Window2d, shape: &[usize]) -> Result<Self>;
     /// The values unfolded (im2col) with zero padding.
     fn unfolded(self, window: &Window2d) -> Result<Self>;
+    /// Elements `start ..` (row-major) in `shape`: one part of a split.
+    fn part(self, start: usize, shape: &[usize]) -> Result<Self>;
+    /// The values written at `start` (row-major) into zeros of shape `whole`.
+    fn embedded(self, start: usize, whole: &[usize]) -> Result<Self>;
 }
 
 /// An array for [`Tensor`]'s rules in backward: a view of a value the tape holds, or an array a
@@ -229,6 +233,20 @@ impl<T: Element> Tensor<T> for Eager<'_, T> {
             T::zero(),
         )?))
     }
+    fn part(self, start: usize, shape: &[usize]) -> Result<Self> {
+        Ok(Eager::Owned(crate::ops::split::part_array(
+            &self.view(),
+            start,
+            shape,
+        )?))
+    }
+    fn embedded(self, start: usize, whole: &[usize]) -> Result<Self> {
+        Ok(Eager::Owned(crate::ops::split::embed_array(
+            &self.view(),
+            start,
+            whole,
+        )?))
+    }
 }
 
 impl<'t, T: Element> Tensor<T> for Var<'t, T> {
@@ -276,6 +294,12 @@ impl<'t, T: Element> Tensor<T> for Var<'t, T> {
     }
     fn unfolded(self, window: &Window2d) -> Result<Self> {
         self.unfold(*window)
+    }
+    fn part(self, start: usize, shape: &[usize]) -> Result<Self> {
+        Var::part(self, start, shape)
+    }
+    fn embedded(self, start: usize, whole: &[usize]) -> Result<Self> {
+        self.embed(start, whole)
     }
 }
 

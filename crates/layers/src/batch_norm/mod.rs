@@ -49,6 +49,32 @@
 //! over each channel, since `Σ x̂ = 0`; and it is zero when `g` is constant over a channel (the
 //! normalized output cannot move all its values the same way).
 //!
+//! # The double backward
+//! Recording the backward ([`tape::Tape::grad`] with `create_graph`) adds one fused node, whose
+//! inputs are `x`, `γ` and `g` and whose result is `(∂L/∂x, ∂L/∂γ, ∂L/∂β)`. Its own backward
+//! takes upstream gradients `Aⱼ` (of `∂L/∂xⱼ`), `b` (of `∂L/∂γ`) and `c` (of `∂L/∂β`), and
+//! differentiates `S = Σⱼ Aⱼ ∂L/∂xⱼ + b ∂L/∂γ + c ∂L/∂β`. Write `T(v)ⱼ = vⱼ - mean(v) - x̂ⱼ
+//! mean(v x̂)` for the centring of the first-order formula, so that `∂L/∂x = γ r T(g)`; then
+//! `Σᵢ vᵢ x̂ᵢ` has gradient `r T(v)` with respect to `x` (the same algebra as above), and `r`
+//! has `-(r²/M) x̂`. With `ḡ = mean(g)`, `m = mean(g x̂)`, `Ā = mean(A)`, `a = mean(A x̂)`:
+//!
+//! ```text
+//! S = γ r Σ A (g - ḡ) - (γ r / M) (Σ A x̂)(Σ g x̂) + b Σ g x̂ + c Σ g
+//!
+//! ∂S/∂gₖ = γ r T(A)ₖ + b x̂ₖ + c                          (the first-order formula, applied to A)
+//! ∂S/∂γ  = r Σ A T(g) = M r [ mean(A g) - Ā ḡ - a m ]
+//! ∂S/∂xₖ = γ r² [ (a m - mean(A g) + Ā ḡ) x̂ₖ - m T(A)ₖ - a T(g)ₖ ] + b r T(g)ₖ
+//! ```
+//!
+//! (the `x̂` term from the derivative of `r`, the others from those of `Σ A x̂` and `Σ g x̂`;
+//! with the `T` expanded, `x̂ₖ` has coefficient `γ r² (3 a m - mean(A g) + Ā ḡ) - b r m`). Each output is `p A + q g + s x̂ + t` with per-channel coefficients
+//! from five sums (`Σ g`, `Σ g x̂`, `Σ A`, `Σ A x̂`, `Σ A g`): one pass reads `x`, `g` and `A`,
+//! one more writes each output asked for. In evaluation mode `r` and `μ` are constants: `∂S/∂g
+//! = γ r A + b x̂ + c`, `∂S/∂γ = r Σ A g`, `∂S/∂x = b r g`. The double backward node saves what
+//! the first one did, `μ` and `r`; its own backward cannot be recorded, so a third derivative
+//! through it is [`TapeError::NoGraphRule`](tape::TapeError::NoGraphRule) naming
+//! `batch_norm_backward`.
+//!
 //! # Evaluation mode
 //! The running statistics replace `μ` and `σ²`. They are constants, so `∂L/∂x = γ r g`
 //! exactly, while `∂L/∂γ` and `∂L/∂β` are as above.
@@ -68,6 +94,7 @@
 //! with `momentum = 0.1`, or the cumulative average `momentum = 1 / num_batches_tracked` when
 //! it is `None`. Running statistics start at 0 (mean) and 1 (variance).
 
+mod double;
 pub(crate) mod kernel;
 mod layer;
 mod node;
@@ -79,7 +106,7 @@ use tape::Element;
 
 use self::kernel::{Dims, Saved};
 pub use self::layer::BatchNorm;
-pub use self::node::{BatchNormNode, batch_norm, batch_norm_composed};
+pub use self::node::{BatchNormNode, batch_norm, batch_norm_composed, batch_norm_eval};
 use crate::error::{Error, Result, check_non_negative};
 
 /// The `(N, C, S)` dimensions of `shape`, checking rank 2 to 5.

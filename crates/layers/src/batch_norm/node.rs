@@ -3,11 +3,12 @@
 //! as tape primitives, so the tape derives its gradient. Tests check that the two agree.
 
 use ndarray::{Array1, ArrayD, ArrayViewD};
-use tape::{BackwardArgs, Element, Function, TapeError, Var};
+use tape::{BackwardArgs, Element, Function, GraphArgs, TapeError, Var};
 
+use super::double::BatchNormBackward;
 use super::kernel::{self, Dims, Saved};
 use super::{check_channels, check_training_inputs, dims_of, from_f64, row_major, shaped, to_f64};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_non_negative};
 
 /// The fused BatchNorm node: inputs `x`, `gamma`, `beta`; saved state only the per-channel mean
 /// and inverse standard deviation (`C` values of `f64` each).
@@ -138,6 +139,17 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
         ])
     }
 
+    /// One fused node, `batch_norm_backward`, whose own backward is the closed-form double
+    /// backward (see the [module docs](super#the-double-backward)).
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> tape::Result<Vec<Option<Var<'t, T>>>> {
+        let node = BatchNormBackward {
+            mean: self.mean.clone(),
+            inv_std: self.inv_std.clone(),
+            batch_stats: self.batch_stats,
+        };
+        node.record(args)
+    }
+
     fn saved_bytes(&self) -> usize {
         (self.mean.len() + self.inv_std.len()) * std::mem::size_of::<f64>()
     }
@@ -177,6 +189,50 @@ pub fn batch_norm<'t, T: Element>(
     let dims = check_training_inputs(value.shape(), gamma_value.shape(), beta_value.shape(), eps)?;
     let (gamma_f64, beta_f64) = (to_f64(&gamma_value), to_f64(&beta_value));
     let (node, _) = BatchNormNode::training(&row_major(&value), dims, &gamma_f64, &beta_f64, eps);
+    Ok(x.tape().apply(node, &[x, gamma, beta])?)
+}
+
+/// Evaluation-mode BatchNorm as ONE fused node: normalizes with the given running mean and
+/// (unbiased) variance, which are constants, as PyTorch's `F.batch_norm(x, running_mean,
+/// running_var, gamma, beta, training=False, eps=eps)`. The [`BatchNorm`](crate::BatchNorm)
+/// layer in [`Mode::Eval`](crate::Mode::Eval) records the same node.
+///
+/// # Shapes
+/// As [`batch_norm`]; `running_mean`, `running_var`: `(C,)`.
+///
+/// # Errors
+/// [`Error::InvalidSetting`] for a negative or non-finite `eps`, [`Error::Shape`] or
+/// [`Error::Length`] for a rank other than 2 to 5 or per-channel arguments that do not have one
+/// value per channel, and [`Error::Tape`] for a `Var` of another tape.
+///
+/// # Example
+/// ```
+/// use ndarray::array;
+/// use tape::Tape;
+///
+/// let tape = Tape::<f64>::new();
+/// let x = tape.var(array![[1.0, 2.0], [3.0, 4.0]]);
+/// let (gamma, beta) = (tape.var(array![2.0, 1.0]), tape.var(array![0.5, 0.0]));
+/// let y = layers::batch_norm_eval(x, gamma, beta, &array![1.0, 2.0], &array![4.0, 1.0], 0.0)?;
+/// // (x - mean) / sqrt(var) · gamma + beta, column by column.
+/// assert_eq!(y.value().as_ref(), &array![[0.5, 0.0], [2.5, 2.0]].into_dyn());
+/// # Ok::<(), layers::Error>(())
+/// ```
+pub fn batch_norm_eval<'t, T: Element>(
+    x: Var<'t, T>,
+    gamma: Var<'t, T>,
+    beta: Var<'t, T>,
+    running_mean: &Array1<T>,
+    running_var: &Array1<T>,
+    eps: f64,
+) -> Result<Var<'t, T>> {
+    check_non_negative("eps", eps)?;
+    let dims = dims_of(&x.shape())?;
+    check_channels("gamma", &gamma.shape(), dims.c)?;
+    check_channels("beta", &beta.shape(), dims.c)?;
+    check_channels("running_mean", running_mean.shape(), dims.c)?;
+    check_channels("running_var", running_var.shape(), dims.c)?;
+    let node = BatchNormNode::from_running(running_mean, running_var, eps);
     Ok(x.tape().apply(node, &[x, gamma, beta])?)
 }
 
@@ -314,7 +370,7 @@ mod tests {
     }
 
     #[test]
-    fn a_recorded_backward_goes_through_the_composition_and_names_the_fused_node() {
+    fn recorded_backwards_of_both_forms_give_the_hessian_vector_product() {
         let recorded = || tape::GradOptions {
             create_graph: true,
             upstream: None,
@@ -338,22 +394,6 @@ mod tests {
                 .unwrap()
                 .sum()
         }
-        let tape = Tape::<f64>::new();
-        let x = tape.var(x0.clone());
-        let error = tape
-            .grad(loss(&tape, x, false, arrays), &[x], recorded())
-            .unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "batch_norm: its backward cannot be recorded, so it can be differentiated once, not again (create_graph)"
-        );
-        let dx = tape.grad(loss(&tape, x, true, arrays), &[x], recorded()).unwrap()[0].unwrap();
-        let hvp = dx
-            .try_mul(tape.constant(v.clone()))
-            .unwrap()
-            .sum()
-            .backward()
-            .unwrap();
         let gradient = |x0: ArrayD<f64>| {
             let tape = Tape::<f64>::new();
             let x = tape.var(x0);
@@ -366,8 +406,22 @@ mod tests {
         };
         let h = 1e-5;
         let numeric = (gradient(&x0 + &(&v * h)) - gradient(&x0 - &(&v * h))) / (2.0 * h);
-        let analytic = hvp.wrt(x).unwrap();
-        assert!(analytic.abs_diff_eq(&numeric, 1e-6), "{analytic} vs {numeric}");
+        for composed in [false, true] {
+            let tape = Tape::<f64>::new();
+            let x = tape.var(x0.clone());
+            let dx = tape
+                .grad(loss(&tape, x, composed, arrays), &[x], recorded())
+                .unwrap()[0]
+                .unwrap();
+            let hvp = dx
+                .try_mul(tape.constant(v.clone()))
+                .unwrap()
+                .sum()
+                .backward()
+                .unwrap();
+            let analytic = hvp.wrt(x).unwrap();
+            assert!(analytic.abs_diff_eq(&numeric, 1e-6), "{analytic} vs {numeric}");
+        }
         // The second-order checker: the composition passes, for x, gamma and beta.
         let inputs = [x0, gamma.into_dyn(), beta.into_dyn()];
         let report =

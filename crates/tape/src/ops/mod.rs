@@ -9,6 +9,7 @@
 //! | [`unary`] | `neg`, `exp`, `ln`, `sqrt`, `powf`, `powi`, `abs`, `relu`, `sigmoid`, `tanh`, scalar `+`, `*` and `/` |
 //! | [`reduce`] | `sum`, `mean` over chosen axes or everything, `max` over an axis |
 //! | [`shape`] | `reshape`, `flatten`, `broadcast_to`, `transpose`, `swap_last_axes`, `detach` |
+//! | [`split`] | `split` a value into parts (how an op hands out several results), and its adjoint `embed` |
 //! | [`unfold`] | `unfold` (im2col) and its adjoint `fold` (col2im), for convolution and pooling |
 //! | [`matmul`] | matrix product, batched over leading axes |
 //! | [`operators`] | `+ - * /` and unary `-` on `Var`s and scalars |
@@ -18,6 +19,7 @@ pub mod matmul;
 pub mod operators;
 pub mod reduce;
 pub mod shape;
+pub mod split;
 pub mod unary;
 pub mod unfold;
 
