@@ -8,9 +8,23 @@
 //! ```
 //!
 //! The batch loss is the mean over rows, so each row's gradient is divided by `N`.
+//!
+//! # The double backward
+//! Recording the backward ([`tape::Tape::grad`] with `create_graph`) adds one fused node,
+//! `softmax_cross_entropy_backward`, with inputs `z` and the upstream scalar `g` and result
+//! `D = (g/N)(p - onehot)`, where `p = softmax(z)` row by row. Given `A`, the gradient of some
+//! `S` with respect to `D`, and since `∂pⱼ/∂zₖ = pⱼ([j = k] - pₖ)`:
+//!
+//! ```text
+//! ∂S/∂zₖ = (g/N) pₖ (Aₖ - Σⱼ Aⱼ pⱼ)          (row by row)
+//! ∂S/∂g  = (1/N) Σ A (p - onehot)
+//! ```
+//!
+//! Its own backward cannot be recorded: a third derivative through it is
+//! [`TapeError::NoGraphRule`] naming `softmax_cross_entropy_backward`.
 
 use ndarray::{ArrayD, ArrayView2, ArrayViewD, Axis, Ix2};
-use tape::{BackwardArgs, Element, Function, TapeError, Var};
+use tape::{BackwardArgs, Element, Function, GraphArgs, TapeError, Var};
 
 use crate::error::{Error, Result};
 
@@ -83,17 +97,102 @@ impl<T: Element> Function<T> for SoftmaxCrossEntropy {
 
     fn backward(&self, args: &BackwardArgs<'_, T>) -> tape::Result<Vec<Option<ArrayD<T>>>> {
         let logits = as_matrix(&args.inputs[0]).map_err(|e| TapeError::op("softmax_cross_entropy", e))?;
-        let g = args.grad_output.iter().next().map_or(0.0, |g| g.as_f64()) / logits.nrows() as f64;
-        let mut grad = logits.mapv(|_| T::zero());
-        for ((row, mut grad_row), &label) in logits.outer_iter().zip(grad.outer_iter_mut()).zip(&self.labels)
-        {
-            let (max, log_sum) = row_log_sum_exp(row);
-            for (j, (d, &z)) in grad_row.iter_mut().zip(row).enumerate() {
-                let softmax = (z.as_f64() - max - log_sum).exp();
-                *d = T::from_f64_lossy(g * (softmax - if j == label { 1.0 } else { 0.0 }));
-            }
+        let g = args.grad_output.iter().next().map_or(0.0, |g| g.as_f64());
+        Ok(vec![
+            args.needs_grad[0].then(|| grad_logits(logits, &self.labels, g)),
+        ])
+    }
+
+    /// One fused node, `softmax_cross_entropy_backward` (see the [module docs](self)).
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> tape::Result<Vec<Option<Var<'t, T>>>> {
+        if !args.needs_grad[0] {
+            return Ok(vec![None]);
         }
-        Ok(vec![args.needs_grad[0].then(|| grad.into_dyn())])
+        let node = SoftmaxCrossEntropyBackward {
+            labels: self.labels.clone(),
+        };
+        let logits = args.inputs[0];
+        Ok(vec![Some(
+            logits.tape().apply(node, &[logits, args.grad_output])?,
+        )])
+    }
+}
+
+/// Calls `each(row, p)` with each row's softmax `p`, in f64.
+fn softmax_rows<T: Element>(logits: ArrayView2<'_, T>, mut each: impl FnMut(usize, &[f64])) {
+    let mut p = vec![0.0; logits.ncols()];
+    for (i, row) in logits.outer_iter().enumerate() {
+        let (max, log_sum) = row_log_sum_exp(row);
+        for (p, &z) in p.iter_mut().zip(row) {
+            *p = (z.as_f64() - max - log_sum).exp();
+        }
+        each(i, &p);
+    }
+}
+
+/// `(g/N)(softmax(z) - onehot)`: the gradient of `g ·` the mean loss.
+fn grad_logits<T: Element>(logits: ArrayView2<'_, T>, labels: &[usize], g: f64) -> ArrayD<T> {
+    let scale = g / logits.nrows() as f64;
+    let mut grad = logits.mapv(|_| T::zero());
+    softmax_rows(logits, |i, p| {
+        for (j, (d, &p)) in grad.row_mut(i).iter_mut().zip(p).enumerate() {
+            *d = T::from_f64_lossy(scale * (p - if j == labels[i] { 1.0 } else { 0.0 }));
+        }
+    });
+    grad.into_dyn()
+}
+
+/// The recorded backward of [`SoftmaxCrossEntropy`]: inputs the logits and the upstream
+/// scalar, result the logits' gradient; its backward is the double backward of the module docs.
+struct SoftmaxCrossEntropyBackward {
+    labels: Vec<usize>,
+}
+
+impl<T: Element> Function<T> for SoftmaxCrossEntropyBackward {
+    fn name(&self) -> &str {
+        "softmax_cross_entropy_backward"
+    }
+
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> tape::Result<ArrayD<T>> {
+        let op = "softmax_cross_entropy_backward";
+        let [logits, g] = inputs else {
+            return Err(TapeError::op(
+                op,
+                format!("takes 2 inputs (logits, dloss), got {}", inputs.len()),
+            ));
+        };
+        let logits = as_matrix(logits).map_err(|e| TapeError::op(op, e))?;
+        check_labels(&self.labels, logits.nrows(), logits.ncols()).map_err(|e| TapeError::op(op, e))?;
+        let Some(g) = g.iter().next().filter(|_| g.len() == 1) else {
+            return Err(TapeError::op(
+                op,
+                format!("dloss has shape {:?}, expected one value", g.shape()),
+            ));
+        };
+        Ok(grad_logits(logits, &self.labels, g.as_f64()))
+    }
+
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> tape::Result<Vec<Option<ArrayD<T>>>> {
+        let logits =
+            as_matrix(&args.inputs[0]).map_err(|e| TapeError::op("softmax_cross_entropy_backward", e))?;
+        let g = args.inputs[1].iter().next().map_or(0.0, |g| g.as_f64());
+        let a = &args.grad_output;
+        let n = logits.nrows() as f64;
+        let mut d_logits = logits.mapv(|_| T::zero());
+        let mut d_g = 0.0;
+        softmax_rows(logits, |i, p| {
+            let a = a.index_axis(Axis(0), i);
+            let a_dot_p: f64 = a.iter().zip(p).map(|(&a, &p)| a.as_f64() * p).sum();
+            d_g += a_dot_p - a[self.labels[i]].as_f64();
+            for ((d, &a), &p) in d_logits.row_mut(i).iter_mut().zip(&a).zip(p) {
+                *d = T::from_f64_lossy(g / n * p * (a.as_f64() - a_dot_p));
+            }
+        });
+        let d_g = ArrayD::from_elem(args.inputs[1].raw_dim(), T::from_f64_lossy(d_g / n));
+        Ok(vec![
+            args.needs_grad[0].then(|| d_logits.into_dyn()),
+            args.needs_grad[1].then_some(d_g),
+        ])
     }
 }
 

@@ -36,9 +36,28 @@
 //! in block order, so results are bit-identical on any number of threads. The matrix products
 //! are `ndarray`'s (the `matrixmultiply` crate's kernels), each on one thread.
 //!
+//! # The double backward
+//! Recording the backward ([`tape::Tape::grad`] with `create_graph`) adds one fused node,
+//! `conv2d_backward`, with inputs `x`, `W`, `G_Y` and result `(∂L/∂x, ∂L/∂W, ∂L/∂b)`. Each is
+//! linear in `G_Y`, and `∂L/∂x` in `W`, `∂L/∂W` in `x`: the backward of a convolution is made
+//! of convolutions. With `A`, `B`, `c` the gradients of some `S` with respect to the three
+//! results, `S = ⟨A, dx(G_Y; W)⟩ + ⟨B, dW(x; G_Y)⟩ + ⟨c, Σ G_Y⟩`, and since `dx(·; W)` is the
+//! adjoint of `conv(·; W)` and `⟨B, dW(x; G)⟩ = ⟨conv(x; B), G⟩`:
+//!
+//! ```text
+//! ∂S/∂G_Y = conv(A; W) + c + conv(x; B)      two forward convolutions, the first with bias c
+//! ∂S/∂W   = dW(A; G_Y)                       the weight gradient, with A in place of x
+//! ∂S/∂x   = dx(G_Y; B)                       the input gradient, with B in place of W
+//! ```
+//!
+//! All three are computed by the node's own kernels, each only when needed. Recorded again,
+//! they are `conv2d` nodes and parts of `conv2d_backward` nodes, so a convolution
+//! differentiates to any order.
+//!
 //! # Numerics
 //! Products accumulate in `T`, as PyTorch's do; `∂L/∂b` is summed in `f64`.
 
+mod double;
 mod layer;
 mod node;
 

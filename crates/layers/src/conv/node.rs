@@ -7,7 +7,9 @@ use std::ops::Range;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, IxDyn};
 use tape::ops::unfold::{Window2d, col2im_add, im2col};
-use tape::{BackwardArgs, Element, Function, TapeError};
+use tape::{BackwardArgs, Element, Function, GraphArgs, TapeError, Var};
+
+use super::double::Conv2dBackward;
 
 use crate::batch_norm::row_major;
 use crate::schedule::{Rows, collect_blocks, collect_blocks_with, fold_blocks, on_pool};
@@ -57,8 +59,28 @@ impl Geometry {
         self.groups * self.rows_per_group() * self.positions()
     }
 
-    fn shape(&self) -> [usize; 4] {
+    /// The output's shape, `(N, C_out, oH, oW)`.
+    pub fn output_shape(&self) -> [usize; 4] {
         [self.n, self.c_out, self.output[0], self.output[1]]
+    }
+
+    /// The input's shape, `(N, C_in, H, W)`.
+    pub fn input_shape(&self) -> [usize; 4] {
+        [self.n, self.c_in, self.input[0], self.input[1]]
+    }
+
+    /// The weight's shape, `(C_out, C_in / G, kH, kW)`.
+    pub fn weight_shape(&self) -> [usize; 4] {
+        let k = self.window.kernel;
+        [self.c_out, self.c_in / self.groups, k[0], k[1]]
+    }
+
+    pub fn input_len(&self) -> usize {
+        self.n * self.image_len()
+    }
+
+    pub fn weight_len(&self) -> usize {
+        self.c_out * self.rows_per_group()
     }
 }
 
@@ -73,14 +95,15 @@ fn matrix_mut<T>(values: &mut [T], rows: usize, cols: usize) -> ArrayViewMut2<'_
 
 /// The fused convolution: inputs `x`, `weight` and optionally `bias`; no saved state (backward
 /// unfolds `x` again).
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Conv2dNode {
     geometry: Geometry,
 }
 
-/// One block's share of the parameter gradients.
-struct Partial<T> {
-    dweight: Vec<T>,
-    dbias: Vec<f64>,
+/// One block's share of the parameter gradients (or all of them, summed).
+pub(crate) struct Partial<T> {
+    pub dweight: Vec<T>,
+    pub dbias: Vec<f64>,
 }
 
 impl<T: Element> Partial<T> {
@@ -97,6 +120,10 @@ impl<T: Element> Partial<T> {
 impl Conv2dNode {
     pub(crate) fn new(geometry: Geometry) -> Self {
         Conv2dNode { geometry }
+    }
+
+    pub(crate) fn geometry(&self) -> Geometry {
+        self.geometry
     }
 
     /// `product = W · cols` for each group of one sample.
@@ -119,7 +146,7 @@ impl Conv2dNode {
         }
     }
 
-    fn forward_values<T: Element>(&self, x: &[T], weight: &[T], bias: Option<&[T]>) -> Vec<T> {
+    pub(crate) fn forward_values<T: Element>(&self, x: &[T], weight: &[T], bias: Option<&[T]>) -> Vec<T> {
         let g = self.geometry;
         let (image_len, out_len, positions) = (g.image_len(), g.out_len(), g.positions());
         let rows = Rows {
@@ -149,7 +176,7 @@ impl Conv2dNode {
     }
 
     /// The gradients `[dx, dweight, dbias]` where `needed`.
-    fn backward_values<T: Element>(
+    pub(crate) fn backward_values<T: Element>(
         &self,
         x: &[T],
         weight: &[T],
@@ -298,7 +325,7 @@ impl<T: Element> Function<T> for Conv2dNode {
             }
         };
         let out = self.forward_values(&row_major(x), &row_major(weight), bias.as_deref());
-        Ok(ArrayD::from_shape_vec(IxDyn(&self.geometry.shape()), out)
+        Ok(ArrayD::from_shape_vec(IxDyn(&self.geometry.output_shape()), out)
             .unwrap_or_else(|_| unreachable!("one value per output element")))
     }
 
@@ -328,5 +355,16 @@ impl<T: Element> Function<T> for Conv2dNode {
             grads.push(needed[2].then(|| shaped(dbias, &[self.geometry.c_out])));
         }
         Ok(grads)
+    }
+
+    /// One fused node, `conv2d_backward`, whose own backward is made of convolutions (see the
+    /// [module docs](super#the-double-backward)).
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> tape::Result<Vec<Option<Var<'t, T>>>> {
+        let bias = args.inputs.len() == 3;
+        let node = Conv2dBackward { conv: *self, bias };
+        node.record(
+            (args.inputs[0], args.inputs[1], args.grad_output),
+            args.needs_grad,
+        )
     }
 }

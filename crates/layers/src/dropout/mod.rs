@@ -10,14 +10,20 @@
 //! y[i] = x[i] · m[i]        ∂L/∂x[i] = ∂L/∂y[i] · m[i]
 //! ```
 //!
-//! The node keeps the mask (one `bool` per value) for backward. In evaluation the layer is the
+//! The node keeps the mask (one `bool` per value) for backward. The map is linear and
+//! symmetric (a diagonal matrix), so its backward is the same node applied to the gradient:
+//! recorded ([`tape::Tape::grad`] with `create_graph`) that node shares the mask, and it
+//! differentiates to any order, the second derivative being 0 (the recorded backward does not
+//! depend on `x`). In evaluation the layer is the
 //! identity. The mask comes from the random generator given (the layer's own, seeded), so a run
 //! is reproducible; it is not PyTorch's random stream.
+
+use std::rc::Rc;
 
 use ndarray::{ArrayD, ArrayViewD};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tape::{BackwardArgs, Element, Function, TapeError, Var};
+use tape::{BackwardArgs, Element, Function, GraphArgs, TapeError, Var};
 
 use crate::error::{Error, Result};
 use crate::module::{Mode, Module};
@@ -75,8 +81,9 @@ fn factor<T: Element>(keep: bool, scale: T) -> T {
 pub fn dropout<'t, T: Element>(x: Var<'t, T>, p: f64, rng: &mut impl Rng) -> Result<Var<'t, T>> {
     let keep = draw_mask(&x, p, rng)?;
     let node = DropoutNode {
-        keep,
+        keep: keep.into(),
         scale: T::from_f64_lossy(1.0 / (1.0 - p)),
+        shares_mask: false,
     };
     Ok(x.tape().apply(node, &[x])?)
 }
@@ -97,17 +104,21 @@ pub fn dropout_composed<'t, T: Element>(x: Var<'t, T>, p: f64, rng: &mut impl Rn
     Ok(x.try_mul(x.tape().constant(mask))?)
 }
 
-/// The fused dropout: the keep-mask and the scale `1 / (1 - p)`.
+/// The fused dropout: the keep-mask (shared with the nodes of its recorded backwards) and the
+/// scale `1 / (1 - p)`.
+#[derive(Clone)]
 struct DropoutNode<T> {
-    keep: Vec<bool>,
+    keep: Rc<[bool]>,
     scale: T,
+    /// True for the nodes of recorded backwards: the mask is counted once, by the first node.
+    shares_mask: bool,
 }
 
 impl<T: Element> DropoutNode<T> {
     /// `values · m`, elementwise, in row-major order.
     fn masked(&self, values: &ArrayViewD<'_, T>) -> ArrayD<T> {
         let mut out = values.as_standard_layout().into_owned();
-        for (v, &keep) in out.iter_mut().zip(&self.keep) {
+        for (v, &keep) in out.iter_mut().zip(self.keep.iter()) {
             *v = *v * factor(keep, self.scale);
         }
         out
@@ -142,7 +153,23 @@ impl<T: Element> Function<T> for DropoutNode<T> {
         ])
     }
 
+    /// The same node, sharing the mask, applied to the gradient: `∂L/∂x = m · ∂L/∂y`.
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> tape::Result<Vec<Option<Var<'t, T>>>> {
+        if !args.needs_grad[0] {
+            return Ok(vec![None]);
+        }
+        let grad = args.grad_output;
+        let node = DropoutNode {
+            shares_mask: true,
+            ..self.clone()
+        };
+        Ok(vec![Some(grad.tape().apply(node, &[grad])?)])
+    }
+
     fn saved_bytes(&self) -> usize {
+        if self.shares_mask {
+            return 0;
+        }
         self.keep.len() * std::mem::size_of::<bool>()
     }
 }

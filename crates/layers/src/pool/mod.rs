@@ -71,6 +71,10 @@ impl Geometry {
         self.output[0] * self.output[1]
     }
 
+    pub fn in_shape(&self) -> [usize; 4] {
+        [self.batch[0], self.batch[1], self.input[0], self.input[1]]
+    }
+
     pub fn out_shape(&self) -> [usize; 4] {
         [self.batch[0], self.batch[1], self.output[0], self.output[1]]
     }

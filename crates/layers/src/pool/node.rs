@@ -3,9 +3,10 @@
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
+use std::sync::Arc;
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
-use tape::{BackwardArgs, Element, Function, TapeError};
+use tape::{BackwardArgs, Element, Function, GraphArgs, TapeError, Var};
 
 use super::Geometry;
 use crate::batch_norm::row_major;
@@ -22,15 +23,16 @@ pub(crate) enum Kind {
 const PADDING: usize = usize::MAX;
 
 /// The fused pooling of one input. Max pooling saves the arg-max of each output (an index into
-/// its plane, or [`PADDING`]).
+/// its plane, or [`PADDING`]). Its recorded backwards share the taps and arg-maxes.
+#[derive(Debug, Clone)]
 pub(crate) struct PoolNode {
     kind: Kind,
     geometry: Geometry,
     /// The input index under each tap of each window of a plane (row-major over output
     /// positions, then taps), or [`PADDING`]: the same for every plane, so computed once and
     /// only looked up in the inner loops.
-    taps: Vec<usize>,
-    argmax: Vec<usize>,
+    taps: Arc<[usize]>,
+    argmax: Arc<[usize]>,
 }
 
 impl PoolNode {
@@ -55,8 +57,8 @@ impl PoolNode {
         PoolNode {
             kind,
             geometry,
-            taps,
-            argmax: Vec::new(),
+            taps: taps.into(),
+            argmax: Arc::from([]),
         }
     }
 
@@ -120,9 +122,39 @@ impl PoolNode {
             })
         });
         if self.kind == Kind::Max {
-            self.argmax = argmax.concat();
+            self.argmax = argmax.concat().into();
         }
         out
+    }
+
+    /// The adjoint of [`backward_values`](Self::backward_values): each output reads the taps of
+    /// its window in `a` (an array of the input's shape), the value at the arg-max for max
+    /// pooling, the mean for average pooling.
+    fn gather_values<T: Element>(&self, a: &[T]) -> Vec<T> {
+        let g = self.geometry;
+        let (plane_len, positions) = (g.plane_len(), g.positions());
+        let rows = Rows {
+            count: g.planes,
+            width: positions,
+            work: g.taps(),
+        };
+        on_pool(rows.parallel(), || {
+            collect_blocks(rows, |range, out| {
+                let planes = range.start / positions..range.end / positions;
+                for (plane, out) in planes.zip(out.chunks_exact_mut(positions)) {
+                    let a = &a[plane * plane_len..][..plane_len];
+                    match self.kind {
+                        Kind::Max => {
+                            let argmax = &self.argmax[plane * positions..][..positions];
+                            for (out, &i) in out.iter_mut().zip(argmax) {
+                                out.write(a.get(i).copied().unwrap_or(T::zero()));
+                            }
+                        }
+                        Kind::Avg => self.forward_plane(a, out, &mut Vec::new()),
+                    }
+                }
+            })
+        })
     }
 
     /// `∂L/∂x` of one plane from its outputs' gradients `dout`, into `dx` (zeroed here).
@@ -203,7 +235,99 @@ impl<T: Element> Function<T> for PoolNode {
         )])
     }
 
+    /// One fused node, the scatter of `∂L/∂y` onto the taps (see [`PoolAdjoint`]).
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> tape::Result<Vec<Option<Var<'t, T>>>> {
+        if !args.needs_grad[0] {
+            return Ok(vec![None]);
+        }
+        let scatter = PoolAdjoint {
+            pool: self.clone(),
+            scatter: true,
+        };
+        let grad = args.grad_output;
+        Ok(vec![Some(grad.tape().apply(scatter, &[grad])?)])
+    }
+
     fn saved_bytes(&self) -> usize {
         self.argmax.len() * std::mem::size_of::<usize>()
+    }
+}
+
+/// The two linear maps of a pooling's recorded backwards, each the other's adjoint (and so its
+/// backward): the scatter, `∂L/∂y` onto the taps it came from (the pooling's backward, a map
+/// from the output's shape to the input's), and the gather, each output position reading its
+/// window (at the arg-max for max pooling, the mean for average pooling). Neither depends on
+/// `x` (the arg-max is fixed), so pooling differentiates to any order, with second
+/// derivatives 0. They share the pooling's taps and arg-maxes.
+pub(crate) struct PoolAdjoint {
+    pool: PoolNode,
+    scatter: bool,
+}
+
+impl<T: Element> Function<T> for PoolAdjoint {
+    fn name(&self) -> &str {
+        match (self.pool.kind, self.scatter) {
+            (Kind::Max, true) => "max_pool2d_backward",
+            (Kind::Max, false) => "max_pool2d_gather",
+            (Kind::Avg, true) => "avg_pool2d_backward",
+            (Kind::Avg, false) => "avg_pool2d_gather",
+        }
+    }
+
+    fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> tape::Result<ArrayD<T>> {
+        let g = self.pool.geometry;
+        let (from, to) = if self.scatter {
+            (g.out_shape(), g.in_shape())
+        } else {
+            (g.in_shape(), g.out_shape())
+        };
+        let [a] = inputs else {
+            return Err(TapeError::Arity {
+                op: "pool2d_backward",
+                expected: 1,
+                got: inputs.len(),
+            });
+        };
+        if a.shape() != from {
+            return Err(TapeError::Shape {
+                op: "pool2d_backward",
+                what: "the input",
+                expected: format!("{from:?}"),
+                got: a.shape().to_vec(),
+            });
+        }
+        let a = row_major(a);
+        let out = if self.scatter {
+            self.pool.backward_values(&a)
+        } else {
+            self.pool.gather_values(&a)
+        };
+        Ok(ArrayD::from_shape_vec(IxDyn(&to), out).unwrap_or_else(|_| unreachable!("one value per element")))
+    }
+
+    fn backward(&self, args: &BackwardArgs<'_, T>) -> tape::Result<Vec<Option<ArrayD<T>>>> {
+        let mut adjoint = self.adjoint();
+        Ok(vec![
+            args.needs_grad[0]
+                .then(|| adjoint.forward(&[args.grad_output.view()]))
+                .transpose()?,
+        ])
+    }
+
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> tape::Result<Vec<Option<Var<'t, T>>>> {
+        if !args.needs_grad[0] {
+            return Ok(vec![None]);
+        }
+        let grad = args.grad_output;
+        Ok(vec![Some(grad.tape().apply(self.adjoint(), &[grad])?)])
+    }
+}
+
+impl PoolAdjoint {
+    fn adjoint(&self) -> PoolAdjoint {
+        PoolAdjoint {
+            pool: self.pool.clone(),
+            scatter: !self.scatter,
+        }
     }
 }
