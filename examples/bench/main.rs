@@ -1,6 +1,7 @@
 //! Times forward + backward on the tape, fused node against the same computation composed from
 //! primitives: BatchNorm (beside the memory-traffic bound measured in the same run), and the
-//! conv-net ops conv2d and max_pool2d.
+//! conv-net ops conv2d and max_pool2d, LayerNorm and GroupNorm; and a Hessian-vector product
+//! beside a gradient (`--op hvp`: BatchNorm on its grid and the main job's MLP).
 //!
 //! ```sh
 //! cargo run --release --example bench                      # the whole grid: BatchNorm f32 and f64, conv and pool f32
@@ -28,6 +29,7 @@
 
 mod batch_norm;
 mod conv;
+mod hvp;
 mod norm;
 
 // Every pass allocates and frees input-sized arrays. The system allocator returns them to the
@@ -62,6 +64,8 @@ enum Op {
     MaxPool2d,
     LayerNorm,
     GroupNorm,
+    /// A Hessian-vector product beside a gradient: BatchNorm on its grid, and the MLP.
+    Hvp,
 }
 
 /// Benchmark fused vs composed forward + backward: BatchNorm, conv2d and max_pool2d.
@@ -191,6 +195,7 @@ fn main() {
             Op::MaxPool2d,
             Op::LayerNorm,
             Op::GroupNorm,
+            Op::Hvp,
         ]
     } else {
         args.op.clone()
@@ -299,6 +304,26 @@ fn main() {
                         Dtype::F64 => norm::case::<f64>(norm::Norm::Group(groups), &shape, budget),
                     })
                     .for_each(|line| println!("{line}")),
+                Op::Hvp => {
+                    for shape in &bn_shapes {
+                        println!(
+                            "{}",
+                            match dtype {
+                                Dtype::F32 => hvp::bn_case::<f32>(shape, budget),
+                                Dtype::F64 => hvp::bn_case::<f64>(shape, budget),
+                            }
+                        );
+                    }
+                    if args.shape.is_empty() {
+                        println!(
+                            "{}",
+                            match dtype {
+                                Dtype::F32 => hvp::mlp_case::<f32>(budget),
+                                Dtype::F64 => hvp::mlp_case::<f64>(budget),
+                            }
+                        );
+                    }
+                }
             }
         }
     }
