@@ -351,3 +351,18 @@ fn predict_names_what_is_wrong_and_exits_with_2() {
     );
     assert!(output.status.success());
 }
+
+#[test]
+fn the_hessian_example_passes_its_own_checks() {
+    // The example exits with an error when a Hessian disagrees with finite differences or with
+    // the composition, or when Newton's method does not reach the minimum.
+    let output = run("hessian", &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.matches(") ok").count(), 6, "{stdout}");
+    assert!(!stdout.contains("FAILED"), "{stdout}");
+}

@@ -47,7 +47,12 @@ fn hessian_times<'t, T: Element>(
     }
     let saved = tape.saved_bytes();
     let hvp = valid(s.backward());
-    black_box(wrt.iter().filter_map(|&v| hvp.get(v)).map(|g| g.len()).sum::<usize>());
+    black_box(
+        wrt.iter()
+            .filter_map(|&v| hvp.get(v))
+            .map(|g| g.len())
+            .sum::<usize>(),
+    );
     saved
 }
 
