@@ -78,6 +78,10 @@ struct Args {
     /// Clip the gradients to this global L2 norm before each step (0: no clipping).
     #[arg(long, default_value_t = 1.0)]
     clip_norm: f64,
+    /// λ of one more MLP run with BatchNorm (at --lr) whose loss adds λ ‖∂loss/∂x‖², the squared
+    /// norm of its gradient with respect to the input images (0: no such run).
+    #[arg(long, default_value_t = 100.0)]
+    grad_penalty: f64,
     /// Seed of the split, the initial weights and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -142,6 +146,12 @@ fn check(args: &Args) -> Result<(), String> {
             return Err(format!("{flag} must be a finite number > 0, got {value}"));
         }
     }
+    if !(args.grad_penalty.is_finite() && args.grad_penalty >= 0.0) {
+        return Err(format!(
+            "--grad-penalty must be a finite number >= 0 (0: no such run), got {}",
+            args.grad_penalty
+        ));
+    }
     if !(args.clip_norm.is_finite() && args.clip_norm >= 0.0) {
         return Err(format!(
             "--clip-norm must be a finite number >= 0 (0: no clipping), got {}",
@@ -200,7 +210,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         clip_norm.map_or(String::new(), |c| format!("; gradients clipped to norm {c}"))
     );
 
-    let configs: Vec<RunConfig> = models
+    let mut configs: Vec<RunConfig> = models
         .iter()
         .flat_map(|&model| {
             // The MLP also runs with LayerNorm in BatchNorm's place.
@@ -222,10 +232,28 @@ fn run(args: &Args) -> Result<(), Failure> {
                     batch_size: args.batch_size,
                     seed: args.seed,
                     eval_every: args.eval_every,
+                    input_grad_penalty: None,
                 })
                 .collect::<Vec<_>>()
         })
         .collect();
+    // The MLP with BatchNorm once more, with a gradient penalty on the input.
+    let with_bn = configs
+        .iter()
+        .find(|c| c.model == Model::Mlp && c.norm == Norm::Batch);
+    if let Some(base) = with_bn.filter(|_| args.grad_penalty > 0.0).cloned() {
+        let lambda = args.grad_penalty;
+        let after_mlp = configs
+            .iter()
+            .rposition(|c| c.model == Model::Mlp)
+            .map_or(0, |i| i + 1);
+        let penalized = RunConfig {
+            name: format!("{} + penalty {lambda}", base.name),
+            input_grad_penalty: Some(lambda),
+            ..base
+        };
+        configs.insert(after_mlp, penalized);
+    }
 
     let bars = MultiProgress::new();
     let style =
@@ -289,26 +317,32 @@ fn print_table(results: &[RunResult]) {
         "learning rate",
         "final test accuracy",
         "steps to 90%",
+        "mean ‖∂loss/∂x‖",
         "wall time",
     ];
-    let rows: Vec<[String; 6]> = results
+    let rows: Vec<[String; 7]> = results
         .iter()
         .map(|r| {
-            let run = match r.config.norm {
+            let mut run = match r.config.norm {
                 Norm::None => "without normalization",
                 Norm::Batch => "with BatchNorm",
                 Norm::Layer => "with LayerNorm",
-            };
+            }
+            .to_string();
+            if let Some(lambda) = r.config.input_grad_penalty {
+                run += &format!(" + gradient penalty {lambda}");
+            }
             let accuracy = match r.diverged_at {
                 Some(step) => format!("diverged at step {step}"),
                 None => format!("{:.1}%", 100.0 * r.final_test_accuracy()),
             };
             [
                 r.config.model.to_string(),
-                run.to_string(),
+                run,
                 r.config.learning_rate.to_string(),
                 accuracy,
                 r.steps_to_90.map_or("never".to_string(), |s| s.to_string()),
+                format!("{:.3}", r.input_grad_norm),
                 format!("{:.2} s", r.seconds),
             ]
         })
@@ -316,8 +350,8 @@ fn print_table(results: &[RunResult]) {
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
             rows.iter()
-                .map(|row| row[i].len())
-                .chain([header[i].len()])
+                .map(|row| row[i].chars().count())
+                .chain([header[i].chars().count()])
                 .max()
                 .unwrap_or(0)
         })
@@ -426,7 +460,12 @@ where
     for r in results {
         let norm = Norm::ALL.iter().position(|&n| n == r.config.norm).unwrap_or(0);
         let high = usize::from(r.config.learning_rate > lowest);
-        let color = colors[(norm + Norm::ALL.len() * high) % colors.len()];
+        let penalized = r.config.input_grad_penalty.is_some();
+        let color = if penalized {
+            BLACK
+        } else {
+            colors[(norm + Norm::ALL.len() * high) % colors.len()]
+        };
         let width = match r.config.norm {
             Norm::None => 1,
             Norm::Batch => 3,
@@ -436,6 +475,9 @@ where
             Norm::None => format!("without normalization, lr {}", r.config.learning_rate),
             norm => format!("with {}, lr {}", norm.label(), r.config.learning_rate),
         };
+        if let Some(lambda) = r.config.input_grad_penalty {
+            label += &format!(", gradient penalty {lambda}");
+        }
         if let Some(step) = r.diverged_at {
             label += &format!(" (diverged at step {step})");
         }

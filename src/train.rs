@@ -12,7 +12,7 @@ use layers::lr_schedule::{CosineAnnealingLr, LinearWarmup, LrSchedule};
 use layers::optim::clip_grad_norm;
 use layers::{Mode, Module, Optimizer, Sequential, Sgd, StateDict, accuracy, softmax_cross_entropy};
 use ndarray::Ix2;
-use tape::Tape;
+use tape::{GradOptions, Tape};
 
 use crate::models::{Model, Norm};
 use layers::datasets::digits::Dataset;
@@ -82,6 +82,13 @@ impl RunConfig {
                 name: "clip_norm",
                 expected: "a finite number > 0".into(),
                 got: max_norm.to_string(),
+            });
+        }
+        if let Some(lambda) = self.input_grad_penalty.filter(|l| !(l.is_finite() && *l > 0.0)) {
+            return Err(TrainError::Setting {
+                name: "input_grad_penalty",
+                expected: "a finite number > 0".into(),
+                got: lambda.to_string(),
             });
         }
         Ok(())
@@ -156,6 +163,11 @@ pub struct RunConfig {
     pub seed: u64,
     /// Test accuracy is measured every this many steps (and after the last).
     pub eval_every: usize,
+    /// `λ` of a gradient penalty: `λ ‖∂L/∂x‖²`, the squared norm of the batch loss's gradient
+    /// with respect to the input images, added to the loss, if given. The gradient is recorded
+    /// on the tape ([`Tape::grad`] with `create_graph`), so the penalty is differentiated through
+    /// it: through each fused node's double backward.
+    pub input_grad_penalty: Option<f64>,
 }
 
 /// What a run measured.
@@ -165,7 +177,8 @@ pub struct RunResult {
     pub config: RunConfig,
     /// `(step, test accuracy)` at each evaluation, starting at step 0.
     pub curve: Vec<(usize, f64)>,
-    /// `(step, training loss)` at each evaluation.
+    /// `(step, training loss)` at each evaluation: the cross-entropy of the batch, without the
+    /// gradient penalty.
     pub losses: Vec<(usize, f64)>,
     /// First evaluated step with test accuracy of at least 90%.
     pub steps_to_90: Option<usize>,
@@ -174,6 +187,10 @@ pub struct RunResult {
     pub diverged_at: Option<usize>,
     /// Wall time of the run in seconds.
     pub seconds: f64,
+    /// The trained net's mean over test images of `‖∂ℓ/∂x‖`, the norm of each image's loss
+    /// gradient with respect to its pixels (in evaluation mode): how much the prediction moves
+    /// with the input, which a gradient penalty lowers.
+    pub input_grad_norm: f64,
     /// The trained net's state (its `state_dict`), as training left it.
     pub state: StateDict<f32>,
 }
@@ -184,10 +201,15 @@ impl RunResult {
         self.curve.last().map_or(0.0, |&(_, accuracy)| accuracy)
     }
 
-    /// The trained net's file name: `<model>[-bn|-ln]-lr<rate>.safetensors`.
+    /// The trained net's file name: `<model>[-bn|-ln]-lr<rate>[-gp<λ>].safetensors`.
     pub fn file_name(&self) -> String {
         let c = &self.config;
-        format!("{}-lr{}.safetensors", c.model.arch(c.norm), c.learning_rate)
+        let penalty = c.input_grad_penalty.map_or(String::new(), |l| format!("-gp{l}"));
+        format!(
+            "{}-lr{}{penalty}.safetensors",
+            c.model.arch(c.norm),
+            c.learning_rate
+        )
     }
 
     /// Saves the trained net as a safetensors file, its metadata naming the architecture and
@@ -216,6 +238,32 @@ pub fn evaluate(model: Model, net: &mut Sequential<f32>, test: &Dataset) -> laye
     let tape = Tape::no_grad(); // evaluation: nothing kept for backward
     let logits = net.forward(tape.constant(model.input(as_f32(test))), Mode::Eval)?;
     accuracy(&logits.value(), test.labels())
+}
+
+/// The mean over `test`'s images of `‖∂ℓ/∂x‖`, each image's loss gradient with respect to its
+/// pixels, in evaluation mode (so the images do not interact).
+///
+/// # Errors
+/// A layer error (only on inconsistent shapes).
+pub fn input_grad_norm(model: Model, net: &mut Sequential<f32>, test: &Dataset) -> layers::Result<f64> {
+    let tape = Tape::new();
+    let x = tape.var(model.input(as_f32(test)));
+    let logits = net.forward(x, Mode::Eval)?;
+    // The mean loss times N: each image's gradient is its own loss's.
+    let rows = test.len() as f32;
+    let grads = softmax_cross_entropy(logits, test.labels())?
+        .mul_scalar(rows)
+        .backward()?;
+    let grad = grads.wrt(x)?;
+    let per_image = grad.shape()[1..].iter().product::<usize>().max(1);
+    let norms = grad
+        .as_standard_layout()
+        .as_slice()
+        .unwrap_or_else(|| unreachable!("a standard-layout array is contiguous"))
+        .chunks(per_image)
+        .map(|g| g.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt())
+        .collect::<Vec<f64>>();
+    Ok(norms.iter().sum::<f64>() / norms.len().max(1) as f64)
 }
 
 /// Trains one net on `train`, measuring test accuracy on `test` as it goes. `on_step` is called
@@ -258,9 +306,12 @@ pub fn run(
         };
         let tape = Tape::new();
         let rows = x.into_dimensionality::<Ix2>();
-        let x = tape.constant(
-            model.input(rows.unwrap_or_else(|_| unreachable!("the loader holds rows of 64 pixels"))),
-        );
+        let images = model.input(rows.unwrap_or_else(|_| unreachable!("the loader holds rows of 64 pixels")));
+        // With a gradient penalty the images are variables: the loss's gradient reaches them.
+        let x = match config.input_grad_penalty {
+            Some(_) => tape.var(images),
+            None => tape.constant(images),
+        };
         let logits = net.forward(x, Mode::Train)?;
         // Diverged weights give NaN logits (which the loss rejects), or an infinite loss.
         let loss = match softmax_cross_entropy(logits, &labels) {
@@ -272,6 +323,18 @@ pub fn run(
             Err(error) => return Err(error.into()),
         };
         let loss_value = f64::from(loss.scalar());
+        let loss = match config.input_grad_penalty {
+            Some(lambda) => {
+                let recorded = GradOptions {
+                    create_graph: true,
+                    upstream: None,
+                };
+                let dx = tape.grad(loss, &[x], recorded)?[0];
+                let dx = dx.unwrap_or_else(|| unreachable!("the loss depends on the images"));
+                loss.try_add(dx.powi(2).sum().mul_scalar(lambda as f32))?
+            }
+            None => loss,
+        };
         let mut grads = loss.backward()?;
         if let Some(max_norm) = config.clip_norm {
             clip_grad_norm(&net.parameters(), &mut grads, max_norm)?;
@@ -289,20 +352,22 @@ pub fn run(
         .iter()
         .find(|&&(_, accuracy)| accuracy >= 0.9)
         .map(|&(step, _)| step);
+    let seconds = start.elapsed().as_secs_f64();
     Ok(RunResult {
         config: config.clone(),
         curve,
         losses,
         steps_to_90,
         diverged_at,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
+        input_grad_norm: input_grad_norm(model, &mut net, test)?,
         state: net.state_dict(),
     })
 }
 
 /// `summary.json`: `{"runs": [{"name", "model", "norm", "batchnorm", "learning_rate",
-/// "schedule", "clip_norm", "steps", "final_test_accuracy", "steps_to_90", "diverged_at",
-/// "seconds"}, ...]}`, `model` being `"mlp"` or `"cnn"`, `norm` `"none"`, `"batch"` or
+/// "schedule", "clip_norm", "input_grad_penalty", "input_grad_norm", "steps",
+/// "final_test_accuracy", "steps_to_90", "diverged_at", "seconds"}, ...]}`, `model` being `"mlp"` or `"cnn"`, `norm` `"none"`, `"batch"` or
 /// `"layer"` (and `batchnorm` whether it is `"batch"`).
 pub fn summary_json(results: &[RunResult]) -> serde_json::Value {
     let runs: Vec<serde_json::Value> = results
@@ -316,6 +381,8 @@ pub fn summary_json(results: &[RunResult]) -> serde_json::Value {
                 "learning_rate": r.config.learning_rate,
                 "schedule": r.config.schedule.name(),
                 "clip_norm": r.config.clip_norm,
+                "input_grad_penalty": r.config.input_grad_penalty,
+                "input_grad_norm": r.input_grad_norm,
                 "steps": r.config.steps,
                 "final_test_accuracy": r.final_test_accuracy(),
                 "steps_to_90": r.steps_to_90,
@@ -328,186 +395,4 @@ pub fn summary_json(results: &[RunResult]) -> serde_json::Value {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use layers::datasets::digits;
-
-    fn data() -> (Dataset, Dataset) {
-        let data = digits::load_bundled().unwrap();
-        let (train, test) = digits::split(&data, 0.2, 0).unwrap();
-        let scaler = digits::Standardizer::fit(&train);
-        (scaler.apply(&train), scaler.apply(&test))
-    }
-
-    fn config(batchnorm: bool) -> RunConfig {
-        RunConfig {
-            name: "test".into(),
-            model: Model::Mlp,
-            norm: if batchnorm { Norm::Batch } else { Norm::None },
-            learning_rate: 0.05,
-            schedule: Schedule::Constant,
-            clip_norm: None,
-            steps: 60,
-            batch_size: 32,
-            seed: 3,
-            eval_every: 20,
-        }
-    }
-
-    #[test]
-    fn schedules_warm_up_then_anneal_to_zero() {
-        let config = RunConfig {
-            steps: 1000,
-            learning_rate: 1.0,
-            schedule: Schedule::WarmupCosine { warmup: 100 },
-            ..config(true)
-        };
-        let rates = config.learning_rates().unwrap();
-        assert!((rates.lr(0) - 0.1).abs() < 1e-12);
-        assert!((rates.lr(50) - 0.55).abs() < 1e-12);
-        assert_eq!(rates.lr(100), 1.0);
-        assert!((rates.lr(550) - 0.5).abs() < 1e-12, "half way through the cosine");
-        assert!(rates.lr(999) < 1e-4 && rates.lr(999) > 0.0);
-        let no_warmup = RunConfig {
-            schedule: Schedule::WarmupCosine { warmup: 0 },
-            ..config.clone()
-        };
-        assert_eq!(no_warmup.learning_rates().unwrap().lr(0), 1.0);
-        let constant = RunConfig {
-            schedule: Schedule::Constant,
-            ..config
-        };
-        let rates = constant.learning_rates().unwrap();
-        assert!((0..1000).all(|t| rates.lr(t) == 1.0));
-    }
-
-    #[test]
-    fn clipping_bounds_the_step_and_layernorm_learns() {
-        // At lr 1 the plain MLP's first steps overshoot; clipped to norm 1 they stay bounded.
-        let (train, test) = data();
-        let clipped = RunConfig {
-            norm: Norm::Layer,
-            clip_norm: Some(1.0),
-            ..config(false)
-        };
-        let result = run(&clipped, &train, &test, |_, _| {}).unwrap();
-        assert!(
-            result.final_test_accuracy() > result.curve[0].1 + 0.3,
-            "{:?}",
-            result.curve
-        );
-        assert!(result.state.contains_key("1.weight") && result.file_name().starts_with("mlp-ln-"));
-        let bad = RunConfig {
-            clip_norm: Some(0.0),
-            ..clipped
-        };
-        assert_eq!(
-            run(&bad, &train, &test, |_, _| {}).unwrap_err().to_string(),
-            "clip_norm must be a finite number > 0, got 0"
-        );
-    }
-
-    #[test]
-    fn bad_settings_are_errors_before_any_step() {
-        // eval_every = 0 divided by zero, a batch larger than the data sliced past its end.
-        let (train, test) = data();
-        let cases = [
-            (
-                RunConfig {
-                    eval_every: 0,
-                    ..config(true)
-                },
-                "eval_every must be at least 1, got 0",
-            ),
-            (
-                RunConfig {
-                    steps: 0,
-                    ..config(true)
-                },
-                "steps must be at least 1, got 0",
-            ),
-            (
-                RunConfig {
-                    batch_size: 0,
-                    ..config(true)
-                },
-                "batch_size must be at least 1, got 0",
-            ),
-            (
-                RunConfig {
-                    batch_size: 5000,
-                    ..config(true)
-                },
-                "batch_size must be at most the 1438 training images, got 5000",
-            ),
-            (
-                RunConfig {
-                    learning_rate: f64::NAN,
-                    ..config(true)
-                },
-                "learning_rate must be a finite number >= 0, got NaN",
-            ),
-        ];
-        for (bad, message) in cases {
-            let mut steps = 0;
-            let error = run(&bad, &train, &test, |_, _| steps += 1).unwrap_err();
-            assert_eq!((error.to_string(), steps), (message.to_string(), 0));
-        }
-    }
-
-    #[test]
-    fn a_net_that_diverges_stops_and_says_where() {
-        // At lr 1e38 the f32 weights overflow and the loss turns NaN; the accuracy of NaN logits
-        // used to print as the share of label 0.
-        let (train, test) = data();
-        let wild = RunConfig {
-            name: "wild".into(),
-            learning_rate: 1e38,
-            ..config(false)
-        };
-        let mut steps = 0;
-        let result = run(&wild, &train, &test, |_, _| steps += 1).unwrap();
-        let at = result.diverged_at.expect("the run diverges");
-        assert!(at <= 60 && steps == at - 1, "{at}, {steps}");
-        assert!(result.curve.iter().all(|&(step, _)| step < at));
-    }
-
-    #[test]
-    fn a_run_is_deterministic_and_learns() {
-        let (train, test) = data();
-        assert_eq!((train.len(), test.len()), (1438, 359));
-        for (model, batchnorm) in [
-            (Model::Mlp, false),
-            (Model::Mlp, true),
-            (Model::Cnn, false),
-            (Model::Cnn, true),
-        ] {
-            let config = RunConfig {
-                model,
-                ..config(batchnorm)
-            };
-            let first = run(&config, &train, &test, |_, _| {}).unwrap();
-            let second = run(&config, &train, &test, |_, _| {}).unwrap();
-            assert_eq!(first.curve, second.curve, "same seed, same numbers");
-            assert_eq!(first.losses, second.losses);
-            assert_eq!(first.curve.len(), 4);
-            assert_eq!(first.diverged_at, None);
-            // In 60 steps the BatchNorm nets and the CNN learn; a deep sigmoid net without
-            // BatchNorm barely moves.
-            if batchnorm || model == Model::Cnn {
-                assert!(
-                    first.final_test_accuracy() > first.curve[0].1 + 0.3,
-                    "{:?}",
-                    first.curve
-                );
-            }
-        }
-        let summary = summary_json(&[run(&config(true), &train, &test, |_, _| {}).unwrap()]);
-        let keys: Vec<&String> = summary["runs"][0].as_object().unwrap().keys().collect();
-        assert_eq!(keys.len(), 12);
-        assert_eq!(summary["runs"][0]["norm"], "batch");
-        assert_eq!(summary["runs"][0]["schedule"], "constant");
-        assert_eq!(summary["runs"][0]["model"], "mlp");
-        assert!(summary["runs"][0]["steps_to_90"].is_null() || summary["runs"][0]["steps_to_90"].is_u64());
-    }
-}
+mod tests;

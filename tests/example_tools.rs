@@ -52,6 +52,10 @@ fn train_names_the_bad_flag_and_its_value_before_training() {
             &["--clip-norm", "-1"],
             "--clip-norm must be a finite number >= 0 (0: no clipping), got -1",
         ),
+        (
+            &["--grad-penalty", "NaN"],
+            "--grad-penalty must be a finite number >= 0 (0: no such run), got NaN",
+        ),
         (&["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (&["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
         (
@@ -142,8 +146,15 @@ fn train_runs_both_models_and_labels_each_run() {
     assert_eq!(
         models,
         [
-            "mlp", "mlp", "mlp", "mlp", "mlp", "mlp", "cnn", "cnn", "cnn", "cnn"
+            "mlp", "mlp", "mlp", "mlp", "mlp", "mlp", "mlp", "cnn", "cnn", "cnn", "cnn"
         ]
+    );
+    // The seventh MLP run is BatchNorm's again, with the gradient penalty.
+    assert_eq!(summary["runs"][6]["norm"], "batch");
+    assert_eq!(summary["runs"][6]["input_grad_penalty"], 100.0);
+    assert!(
+        stdout.contains("| with BatchNorm + gradient penalty 100 "),
+        "{stdout}"
     );
     let norms: Vec<&str> = summary["runs"]
         .as_array()
@@ -264,7 +275,10 @@ fn predict_reproduces_training_and_pytorchs_logits() {
         assert_eq!(run_summary["batchnorm"].as_bool().unwrap(), suffix == "-bn");
         let arch = format!("{}{suffix}", run_summary["model"].as_str().unwrap());
         let rate = run_summary["learning_rate"].as_f64().unwrap();
-        let file = out.join(format!("{arch}-lr{rate}.safetensors"));
+        let penalty = run_summary["input_grad_penalty"]
+            .as_f64()
+            .map_or(String::new(), |l| format!("-gp{l}"));
+        let file = out.join(format!("{arch}-lr{rate}{penalty}.safetensors"));
         let predict = run("predict", &["--model", file.to_str().unwrap()]);
         let stdout = String::from_utf8_lossy(&predict.stdout);
         let reported = 100.0 * run_summary["final_test_accuracy"].as_f64().unwrap();
