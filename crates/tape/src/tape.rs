@@ -59,6 +59,9 @@ pub struct Tape<T: Element> {
     nodes: RefCell<Vec<Node<T>>>,
     /// False for [`Tape::no_grad`]: ops keep their results, not themselves.
     records: bool,
+    /// The nodes each recorded backward ([`Tape::grad`] with `create_graph`) appended, in
+    /// order: for drawings ([`Tape::to_dot`]) and [`Tape::recorded_backwards`].
+    recorded: RefCell<Vec<std::ops::Range<usize>>>,
 }
 
 impl<T: Element> Default for Tape<T> {
@@ -85,6 +88,7 @@ impl<T: Element> Tape<T> {
             id: NEXT_TAPE_ID.fetch_add(1, Ordering::Relaxed),
             nodes: RefCell::new(Vec::new()),
             records: true,
+            recorded: RefCell::new(Vec::new()),
         }
     }
 

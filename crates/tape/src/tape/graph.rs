@@ -67,6 +67,7 @@ impl<T: Element> Tape<T> {
         if !self.records {
             return Err(TapeError::NotRecorded);
         }
+        let first = self.len();
         let upstream = self.constant_checked(upstream, &shape)?;
         let mut grads: Vec<Option<Var<'t, T>>> = vec![None; output.index + 1];
         if self.requires_grad_of(output.index) {
@@ -116,10 +117,32 @@ impl<T: Element> Tape<T> {
                 });
             }
         }
+        self.recorded.borrow_mut().push(first..self.len());
         Ok(wrt
             .iter()
             .map(|v| grads.get(v.index).copied().flatten())
             .collect())
+    }
+
+    /// The nodes each recorded backward appended to this tape ([`Tape::grad`] with
+    /// `create_graph`), as index ranges in the order they ran: the chain rule's own graph.
+    ///
+    /// # Example
+    /// ```
+    /// use ndarray::array;
+    /// use tape::{GradOptions, Tape};
+    ///
+    /// let tape = Tape::new();
+    /// let x = tape.var(array![1.0, 2.0]);
+    /// let y = (x * x).sum();
+    /// let options = GradOptions { create_graph: true, ..GradOptions::default() };
+    /// tape.grad(y, &[x], options)?;
+    /// let backward = &tape.recorded_backwards()[0];
+    /// assert_eq!((backward.start, backward.end), (3, tape.len()));
+    /// # Ok::<(), tape::TapeError>(())
+    /// ```
+    pub fn recorded_backwards(&self) -> Vec<std::ops::Range<usize>> {
+        self.recorded.borrow().clone()
     }
 
     /// `value` as a constant, checked to have `shape`.

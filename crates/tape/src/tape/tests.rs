@@ -183,6 +183,27 @@ fn the_graph_draws_in_dot() {
     ] {
         assert!(dot.contains(needle), "{needle} missing from\n{dot}");
     }
+    assert!(!dot.contains("cluster"));
+    // A recorded backward: its nodes in a box of their own, reading the forward's.
+    let y = (x * x).sum();
+    let options = crate::GradOptions {
+        create_graph: true,
+        ..Default::default()
+    };
+    let before = tape.len();
+    tape.grad(y, &[x], options).unwrap();
+    assert_eq!(tape.recorded_backwards(), vec![(before..tape.len())]);
+    let dot = tape.to_dot();
+    let cluster = &dot[dot.find("subgraph cluster_backward_0").unwrap()..];
+    let cluster = &cluster[..cluster.find("  }").unwrap()];
+    assert!(cluster.contains("recorded backward 1"), "{dot}");
+    for index in before..tape.len() {
+        assert!(
+            cluster.contains(&format!("  n{index} [")),
+            "n{index} outside the box:\n{dot}"
+        );
+    }
+    assert!(!cluster.contains(&format!("  n{} [", before - 1)));
 }
 
 #[test]
