@@ -1,13 +1,15 @@
-//! The fused double backwards of conv2d, the pools, dropout and softmax cross-entropy against
+//! The fused double backwards of conv2d, the pools, dropout, softmax cross-entropy, LayerNorm and
+//! GroupNorm against
 //! the tape's second derivative of the same computations composed from primitives, over random
 //! shapes and settings, with random upstream gradients and random second-order directions
 //! (proptest). Conv2d, the pools and dropout also differentiate a third time, through their
-//! recorded double backwards; the softmax's is a clear error. (BatchNorm's proptest sits with
+//! recorded double backwards; the others' third order is a clear error. (BatchNorm's proptest sits with
 //! its node, in `batch_norm/double/tests.rs`, where evaluation-mode nodes can be built.)
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use layers::{Conv2dOptions, Window2d, avg_pool2d, avg_pool2d_composed, conv2d, conv2d_composed};
 use layers::{dropout, dropout_composed, max_pool2d, max_pool2d_composed};
+use layers::{group_norm, group_norm_composed, layer_norm, layer_norm_composed};
 use layers::{softmax_cross_entropy, softmax_cross_entropy_composed};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
@@ -212,6 +214,102 @@ proptest! {
             let f = if composed { softmax_cross_entropy_composed } else { softmax_cross_entropy };
             f(v[0], &labels).unwrap()
         }, seed ^ 1, false)?;
+    }
+}
+
+/// `(weight, bias)` among `v[1..]`, for those present.
+fn parameters<'t>(
+    v: &[Var<'t, f64>],
+    (weight, bias): (bool, bool),
+) -> (Option<Var<'t, f64>>, Option<Var<'t, f64>>) {
+    let mut rest = v[1..].iter().copied();
+    (
+        weight.then(|| rest.next().unwrap()),
+        bias.then(|| rest.next().unwrap()),
+    )
+}
+
+/// `x`, then the weight (near 1) and the bias of `parameter_shape` where asked for.
+fn norm_inputs(
+    x: &[usize],
+    parameter_shape: &[usize],
+    (weight, bias): (bool, bool),
+    seed: u64,
+) -> Vec<ArrayD<f64>> {
+    let rng = &mut StdRng::seed_from_u64(seed);
+    let mut all = vec![normal(x, rng) * 2.0 + 1.5];
+    if weight {
+        all.push(normal(parameter_shape, rng) * 0.5 + 1.0);
+    }
+    if bias {
+        all.push(normal(parameter_shape, rng));
+    }
+    all
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 100, ..ProptestConfig::default() })]
+
+    #[test]
+    fn layer_norm_double_backward_matches_the_composition(
+        leading in prop::collection::vec(1usize..=3, 0..=2),
+        normalized in prop::collection::vec(1usize..=5, 1..=2),
+        affine in (any::<bool>(), any::<bool>()),
+        seed in any::<u64>(),
+    ) {
+        let shape: Vec<usize> = leading.iter().chain(&normalized).copied().collect();
+        let inputs = norm_inputs(&shape, &normalized, affine, seed);
+        compare(&inputs, |v, composed| {
+            let (weight, bias) = parameters(v, affine);
+            let f = if composed { layer_norm_composed } else { layer_norm };
+            f(v[0], &normalized, weight, bias, 1e-5).unwrap()
+        }, seed ^ 1, false)?;
+    }
+
+    #[test]
+    fn group_norm_double_backward_matches_the_composition(
+        n in 1usize..=3,
+        (groups, per_group) in (1usize..=3, 1usize..=3),
+        spatial in prop::collection::vec(1usize..=3, 0..=2),
+        affine in (any::<bool>(), any::<bool>()),
+        seed in any::<u64>(),
+    ) {
+        let c = groups * per_group;
+        let shape: Vec<usize> = [n, c].iter().chain(&spatial).copied().collect();
+        let inputs = norm_inputs(&shape, &[c], affine, seed);
+        compare(&inputs, |v, composed| {
+            let (weight, bias) = parameters(v, affine);
+            let f = if composed { group_norm_composed } else { group_norm };
+            f(v[0], groups, weight, bias, 1e-5).unwrap()
+        }, seed ^ 1, false)?;
+    }
+}
+
+#[test]
+fn a_third_order_through_the_norms_names_their_double_backwards() {
+    let tape = Tape::<f64>::new();
+    let rng = &mut StdRng::seed_from_u64(3);
+    let x = tape.var(normal(&[2, 4, 3], rng));
+    let w = tape.var(normal(&[4], rng));
+    for (name, y) in [
+        (
+            "layer_norm_backward",
+            layer_norm(x, &[3], None, None, 1e-5).unwrap(),
+        ),
+        (
+            "group_norm_backward",
+            group_norm(x, 2, Some(w), None, 1e-5).unwrap(),
+        ),
+    ] {
+        let loss = y.powi(3).sum();
+        let dx = tape.grad(loss, &[x], recorded()).unwrap()[0].unwrap();
+        let s = dx.powi(2).sum();
+        let error = tape.grad(s, &[x], recorded()).unwrap_err();
+        assert!(
+            matches!(&error, TapeError::NoGraphRule { op } if op == name),
+            "{error}"
+        );
+        assert!(s.backward().unwrap().get(x).is_some());
     }
 }
 

@@ -44,7 +44,7 @@ impl Groups {
     }
 
     /// The parameters of group `g`.
-    fn set(&self, g: usize) -> Range<usize> {
+    pub fn set(&self, g: usize) -> Range<usize> {
         let start = g % self.sets.max(1) * self.lanes;
         start..start + self.lanes
     }

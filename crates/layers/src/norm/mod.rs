@@ -39,6 +39,28 @@
 //! second pass writes `∂L/∂x` while the group is in cache. Backward keeps only `μ` and `r` per
 //! group besides `x`, which the tape holds anyway.
 //!
+//! # The double backward
+//! Recording the backward ([`tape::Tape::grad`] with `create_graph`) adds one fused node,
+//! `layer_norm_backward` or `group_norm_backward`, with inputs `x`, the weight (if any) and `g`,
+//! and result `(∂L/∂x, ∂L/∂w, ∂L/∂b)` (those the node has). It is BatchNorm's double backward
+//! (see [`batch_norm`](mod@crate::batch_norm#the-double-backward)) per group with `γ = 1` and
+//! `ĝ = w g` in place of `g`, plus the weight's own terms. With `A`, `B`, `C` the upstream
+//! gradients of the three results, `T(v) = v - mean(v) - x̂ mean(v x̂)` per group, `m =
+//! mean(ĝ x̂)`, `a = mean(A x̂)`, `Ā = mean(A)` and `h = B g` (each value's `B` is its
+//! parameter's):
+//!
+//! ```text
+//! ∂S/∂gₖ = wₖ r T(A)ₖ + Bₖ x̂ₖ + Cₖ
+//! ∂S/∂w_p = Σ g r T(A)                    over the values of parameter p in every group
+//! ∂S/∂xₖ = r² [ (a m - mean(A ĝ) + Ā mean(ĝ)) x̂ₖ - m T(A)ₖ - a T(ĝ)ₖ ] + r T(h)ₖ
+//! ```
+//!
+//! `Σ A ∂L/∂x = r Σ T(A) ĝ` (`T` is symmetric) gives the first; the last is BatchNorm's `x`
+//! formula with the `b Σ g x̂` term now `Σ h x̂`, since `∂L/∂w` sums `g x̂` lane by lane. One pass
+//! takes seven means per group (of `A`, `A x̂`, `A ĝ`, `ĝ`, `ĝ x̂`, `h`, `h x̂`); each output
+//! asked for is one more. A third derivative through the node is
+//! [`TapeError::NoGraphRule`](tape::TapeError::NoGraphRule) naming it.
+//!
 //! # Numerics
 //! As BatchNorm's, with the same statistics code: `f64` statistics for `f32` data, a group
 //! with every value equal normalizes to exactly its bias (and `r = 0` where `σ² + ε = 0`), and
@@ -50,6 +72,7 @@
 //! `normalized_shape`. GroupNorm: `x` `(N, C, *)`, rank 2 or more, `C` divisible by
 //! `num_groups`; weight and bias `(C,)`. The result has the shape of `x`.
 
+mod double;
 mod kernel;
 mod layer;
 mod node;

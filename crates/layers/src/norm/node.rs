@@ -4,7 +4,9 @@
 //! primitives, so the tape derives its gradient. Tests check that the two agree.
 
 use ndarray::{ArrayD, ArrayViewD};
-use tape::{BackwardArgs, Element, Function, TapeError, Var};
+use tape::{BackwardArgs, Element, Function, GraphArgs, TapeError, Var};
+
+use super::double::GroupNormBackward;
 
 use super::kernel::{self, Affine, Groups, Saved};
 use super::{channel_groups, check_parameter, layer_groups};
@@ -109,6 +111,24 @@ impl<T: Element> Function<T> for GroupNormNode<T> {
             out.push(needed.then(|| parameter(&grads.dbias, bias)));
         }
         Ok(out)
+    }
+
+    /// One fused node, `layer_norm_backward` or `group_norm_backward`, whose own backward is
+    /// the closed-form double backward (see the [module docs](super#the-double-backward)).
+    fn backward_graph<'t>(&self, args: &GraphArgs<'_, 't, T>) -> tape::Result<Vec<Option<Var<'t, T>>>> {
+        let node = GroupNormBackward {
+            name: if self.name == "layer_norm" {
+                "layer_norm_backward"
+            } else {
+                "group_norm_backward"
+            },
+            groups: self.groups,
+            has_weight: self.has_weight,
+            has_bias: self.has_bias,
+            mean: self.mean.clone(),
+            inv_std: self.inv_std.clone(),
+        };
+        node.record(args)
     }
 
     fn saved_bytes(&self) -> usize {

@@ -155,6 +155,33 @@ fn results_are_bit_identical_on_any_thread_count() {
 }
 
 #[test]
+fn double_backwards_are_bit_identical_on_any_number_of_threads() {
+    let x = normal(&[8, 16, 32, 32], 0.5, 2.0, 21);
+    let (dout, v) = (
+        normal(&[8, 16, 32, 32], 0.0, 1.0, 22),
+        normal(&[8, 16, 32, 32], 0.0, 1.0, 23),
+    );
+    let w = channel(16, 1.0, 24);
+    let recorded = || tape::GradOptions {
+        create_graph: true,
+        upstream: None,
+    };
+    let runs = on_1_2_3_threads(|| {
+        let tape = Tape::<f64>::new();
+        let (xv, wv) = (tape.var(x.clone()), tape.var(w.clone()));
+        let y = group_norm(xv, 4, Some(wv), None, 1e-5).unwrap();
+        let z = layer_norm(y, &[32, 32], None, None, 1e-5).unwrap();
+        let loss = z.try_mul(tape.constant(dout.clone())).unwrap().sum();
+        let grads = tape.grad(loss, &[xv, wv], recorded()).unwrap();
+        let s = grads[0].unwrap().try_mul(tape.constant(v.clone())).unwrap().sum();
+        let second = s.backward().unwrap();
+        [second.wrt(xv).unwrap().clone(), second.wrt(wv).unwrap().clone()]
+    });
+    assert_eq!(runs[0], runs[1]);
+    assert_eq!(runs[0], runs[2]);
+}
+
+#[test]
 fn the_fused_node_saves_two_values_per_group() {
     let tape = Tape::<f32>::new();
     let x = tape.var(ArrayD::<f32>::zeros(ndarray::IxDyn(&[4, 6, 8, 8])));
