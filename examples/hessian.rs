@@ -70,12 +70,7 @@ impl Problem {
     /// `H v` by differentiating `⟨∇L, v⟩`.
     fn hvp(&self, theta: &Array1<f64>, v: &Array1<f64>) -> Result<Array1<f64>> {
         let tape = Tape::new();
-        let t = tape.var(theta.clone());
-        let options = GradOptions {
-            create_graph: true,
-            upstream: None,
-        };
-        let g = tape.grad(self.loss(t)?, &[t], options)?[0].ok_or("the loss depends on θ")?;
+        let (t, _, g) = recorded_gradient(&tape, theta, |t| self.loss(t))?;
         let s = g.try_mul(tape.constant(v.clone()))?.sum();
         Ok(s.backward()?.wrt(t)?.clone().into_dimensionality()?)
     }
@@ -83,12 +78,7 @@ impl Problem {
     /// The full Hessian: the gradient recorded once, then one backward pass per row.
     fn hessian(&self, theta: &Array1<f64>) -> Result<Array2<f64>> {
         let tape = Tape::new();
-        let t = tape.var(theta.clone());
-        let options = GradOptions {
-            create_graph: true,
-            upstream: None,
-        };
-        let g = tape.grad(self.loss(t)?, &[t], options)?[0].ok_or("the loss depends on θ")?;
+        let (t, _, g) = recorded_gradient(&tape, theta, |t| self.loss(t))?;
         let p = theta.len();
         let mut h = Array2::zeros((p, p));
         for i in 0..p {
@@ -100,6 +90,23 @@ impl Problem {
         }
         Ok(h)
     }
+}
+
+/// `θ` as a variable on `tape`, `f(θ)`, and `∇f(θ)` recorded (`create_graph`), so that it can be
+/// differentiated again.
+fn recorded_gradient<'t>(
+    tape: &'t Tape<f64>,
+    theta: &Array1<f64>,
+    f: impl FnOnce(Var<'t, f64>) -> Result<Var<'t, f64>>,
+) -> Result<(Var<'t, f64>, Var<'t, f64>, Var<'t, f64>)> {
+    let t = tape.var(theta.clone());
+    let value = f(t)?;
+    let options = GradOptions {
+        create_graph: true,
+        upstream: None,
+    };
+    let g = tape.grad(value, &[t], options)?[0].ok_or("the function depends on θ")?;
+    Ok((t, value, g))
 }
 
 /// Central differences of the gradient along `v`, step `h`.
@@ -221,13 +228,7 @@ fn rosenbrock<'t>(theta: Var<'t, f64>) -> Result<Var<'t, f64>> {
 /// The value, gradient and Hessian (two backward passes of the recorded gradient) at `θ`.
 fn derivatives(theta: [f64; 2]) -> Result<(f64, [f64; 2], [[f64; 2]; 2])> {
     let tape = Tape::new();
-    let t = tape.var(ndarray::arr1(&theta));
-    let f = rosenbrock(t)?;
-    let options = GradOptions {
-        create_graph: true,
-        upstream: None,
-    };
-    let g = tape.grad(f, &[t], options)?[0].ok_or("f depends on θ")?;
+    let (t, f, g) = recorded_gradient(&tape, &ndarray::arr1(&theta), rosenbrock)?;
     let mut h = [[0.0; 2]; 2];
     for (i, row) in h.iter_mut().enumerate() {
         let e = ndarray::Array1::from_shape_fn(2, |j| if i == j { 1.0 } else { 0.0 });

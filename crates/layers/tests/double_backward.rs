@@ -7,26 +7,18 @@
 //! its node, in `batch_norm/double/tests.rs`, where evaluation-mode nodes can be built.)
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+mod support;
+
 use layers::{Conv2dOptions, Window2d, avg_pool2d, avg_pool2d_composed, conv2d, conv2d_composed};
 use layers::{dropout, dropout_composed, max_pool2d, max_pool2d_composed};
 use layers::{group_norm, group_norm_composed, layer_norm, layer_norm_composed};
 use layers::{softmax_cross_entropy, softmax_cross_entropy_composed};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand_distr::{Distribution, StandardNormal};
+use support::{error, normal, window};
 use tape::{GradOptions, Tape, TapeError, Var};
-
-fn normal(shape: &[usize], rng: &mut StdRng) -> ArrayD<f64> {
-    ArrayD::from_shape_simple_fn(IxDyn(shape), || StandardNormal.sample(&mut *rng))
-}
-
-/// Max abs difference over the largest magnitude of `b` (at least 1).
-fn error(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
-    let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
-}
 
 fn recorded() -> GradOptions<f64> {
     GradOptions {
@@ -113,23 +105,6 @@ fn compare(
         );
     }
     Ok(())
-}
-
-/// A 2-D window and an input height and width that fit it (as in conv_pool_properties.rs).
-fn window() -> impl Strategy<Value = (Window2d, [usize; 2])> {
-    let axis = (1usize..=3, 1usize..=3, 1usize..=2, 0usize..=2, 0usize..=4);
-    (axis.clone(), axis).prop_map(|(a, b)| {
-        let mut window = Window2d::new([a.0, b.0]);
-        let mut input = [0; 2];
-        for (i, (kernel, stride, dilation, padding, extra)) in [a, b].into_iter().enumerate() {
-            let span = dilation * (kernel - 1) + 1;
-            window.stride[i] = stride;
-            window.dilation[i] = dilation;
-            window.padding[i] = padding.min(span / 2);
-            input[i] = (span.saturating_sub(2 * window.padding[i]) + extra).max(1);
-        }
-        (window, input)
-    })
 }
 
 proptest! {

@@ -62,6 +62,15 @@ impl PoolNode {
         }
     }
 
+    /// The outputs as the scheduler's rows: a plane each, every output reading its window.
+    fn output_rows(&self) -> Rows {
+        Rows {
+            count: self.geometry.planes,
+            width: self.geometry.positions(),
+            work: self.geometry.taps(),
+        }
+    }
+
     /// The taps of each window of a plane, in output order.
     fn windows(&self) -> std::slice::ChunksExact<'_, usize> {
         self.taps.chunks_exact(self.geometry.taps())
@@ -106,11 +115,7 @@ impl PoolNode {
     fn forward_values<T: Element>(&mut self, x: &[T]) -> Vec<T> {
         let g = self.geometry;
         let (plane_len, positions) = (g.plane_len(), g.positions());
-        let rows = Rows {
-            count: g.planes,
-            width: positions,
-            work: g.taps(),
-        };
+        let rows = self.output_rows();
         let (out, argmax) = on_pool(rows.parallel(), || {
             collect_blocks_with(rows, |range, out| {
                 let mut argmax = Vec::with_capacity(if self.kind == Kind::Max { range.len() } else { 0 });
@@ -133,11 +138,7 @@ impl PoolNode {
     fn gather_values<T: Element>(&self, a: &[T]) -> Vec<T> {
         let g = self.geometry;
         let (plane_len, positions) = (g.plane_len(), g.positions());
-        let rows = Rows {
-            count: g.planes,
-            width: positions,
-            work: g.taps(),
-        };
+        let rows = self.output_rows();
         on_pool(rows.parallel(), || {
             collect_blocks(rows, |range, out| {
                 let planes = range.start / positions..range.end / positions;
