@@ -5,12 +5,29 @@
 //!
 //! ```sh
 //! cargo run --release --example backprop_walkthrough
+//! cargo run --release --example backprop_walkthrough -- --html out/backprop.html
 //! ```
+//!
+//! With `--html FILE` it also writes two pages to step through in a browser (no network needed):
+//! FILE, the constant-upstream example with the composed BatchNorm and the fused node side by
+//! side on one tape, and `<FILE stem>_mlp_step.html` beside it, one training step of a small MLP
+//! with BatchNorm.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
+use bnorm::walkthrough;
+use clap::Parser;
 use ndarray::{Array2, ArrayD, array};
 use tape::{Gradients, Tape, Var};
+
+/// Backprop step by step on BatchNorm, printed; with --html, as pages for a browser.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Also write the step-through pages: this file, and `<stem>_mlp_step.html` beside it.
+    #[arg(long)]
+    html: Option<PathBuf>,
+}
 
 /// What each primitive passes back to its inputs, in words (the chain rule, one op at a time).
 fn rule(op: &str) -> &'static str {
@@ -116,7 +133,43 @@ fn print_node(var: &Var<'_, f64>, grads: &Gradients<f64>, names: &HashMap<usize,
     }
 }
 
-fn main() -> Result<(), layers::Error> {
+/// Writes `page` to `path`, creating its folder.
+fn write_page(path: &Path, page: &str) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    std::fs::write(path, page).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn pages(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    write_page(path, &walkthrough::batch_norm_page()?.html)?;
+    let stem = path
+        .file_stem()
+        .map_or("backprop".into(), |s| s.to_string_lossy().into_owned());
+    let mlp = path.with_file_name(format!("{stem}_mlp_step.html"));
+    write_page(&mlp, &walkthrough::mlp_step_page()?.html)
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let result = print_walkthrough()
+        .map_err(Into::into)
+        .and_then(|()| match &args.html {
+            Some(path) => pages(path),
+            None => Ok(()),
+        });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_walkthrough() -> Result<(), layers::Error> {
     println!("BatchNorm, out = gamma * (x - mean) / sqrt(var + eps) + beta, per column.");
     println!("Composed from primitives, the tape derives every gradient by the chain rule.");
 

@@ -5,6 +5,7 @@
 pub mod golden;
 pub mod models;
 pub mod train;
+pub mod walkthrough;
 
 pub use layers;
 pub use tape;

@@ -380,3 +380,20 @@ fn the_hessian_example_passes_its_own_checks() {
     assert_eq!(stdout.matches(") ok").count(), 6, "{stdout}");
     assert!(!stdout.contains("FAILED"), "{stdout}");
 }
+
+#[test]
+fn backprop_walkthrough_writes_both_pages() {
+    let out = std::env::temp_dir().join(format!("bnorm-pages-{}", std::process::id()));
+    let page = out.join("backprop.html");
+    let output = run("backprop_walkthrough", &["--html", page.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    for file in ["backprop.html", "backprop_mlp_step.html"] {
+        let html = std::fs::read_to_string(out.join(file)).unwrap();
+        assert!(
+            html.starts_with("<!DOCTYPE html>") && html.contains("tape-data"),
+            "{file}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(out);
+}

@@ -80,6 +80,10 @@ impl<T: Element> Function<T> for SoftmaxCrossEntropy {
         "softmax_cross_entropy"
     }
 
+    fn rule(&self) -> &str {
+        "softmax_cross_entropy (fused): ∂/∂z = (g/N)(softmax(z) - onehot(labels))"
+    }
+
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> tape::Result<ArrayD<T>> {
         let logits = as_matrix(&inputs[0]).map_err(|e| TapeError::op("softmax_cross_entropy", e))?;
         check_labels(&self.labels, logits.nrows(), logits.ncols())

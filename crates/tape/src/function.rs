@@ -79,6 +79,13 @@ pub trait Function<T: Element>: 'static {
         })
     }
 
+    /// The derivative rule in one line, for drawings of the backward pass
+    /// ([`Tape::to_html`](crate::Tape::to_html)), such as `"cube: ∂/∂x = 3x²·g"`. The default,
+    /// empty, leaves the drawing to name the op.
+    fn rule(&self) -> &str {
+        ""
+    }
+
     /// Bytes this op keeps for its backward beyond the values the tape holds (its saved state).
     /// Used by [`Tape::saved_bytes`](crate::Tape::saved_bytes); the default is 0.
     fn saved_bytes(&self) -> usize {

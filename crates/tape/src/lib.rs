@@ -40,6 +40,7 @@ mod element;
 mod error;
 mod function;
 mod gradcheck;
+pub mod html;
 pub mod ops;
 mod rule;
 mod tape;
@@ -51,7 +52,7 @@ pub use function::{BackwardArgs, Function, GraphArgs};
 pub use gradcheck::{
     GradCheck, GradCheckError, GradCheckReport, InputReport, check_gradients, check_second_order,
 };
-pub use tape::{GradOptions, Gradients, Tape, Var, VarId};
+pub use tape::{BackwardStep, GradOptions, Gradients, Tape, Var, VarId};
 
 #[cfg(test)]
 pub(crate) mod testing {

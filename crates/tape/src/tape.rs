@@ -6,9 +6,9 @@ use std::fmt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ndarray::{Array, ArrayD, ArrayViewD, Dimension, Zip};
+use ndarray::{Array, ArrayD, ArrayViewD, Dimension};
 
-use crate::{BackwardArgs, Element, Function, Result, TapeError};
+use crate::{Element, Function, Result, TapeError};
 
 /// Each tape gets a distinct id, so a `Var` used with the wrong tape is caught.
 static NEXT_TAPE_ID: AtomicU64 = AtomicU64::new(0);
@@ -252,91 +252,7 @@ impl<T: Element> Tape<T> {
         output: Var<'_, T>,
         grad_output: Array<T, D>,
     ) -> Result<Gradients<T>> {
-        if output.tape.id != self.id {
-            return Err(TapeError::ForeignVar {
-                op: "backward_with".into(),
-            });
-        }
-        if !self.records {
-            return Err(TapeError::NotRecorded);
-        }
-        let grad_output = grad_output.into_dyn();
-        let (shape, output_requires_grad) = {
-            let nodes = self.nodes.borrow();
-            let node = &nodes[output.index];
-            (node.value.shape().to_vec(), node.requires_grad)
-        };
-        if grad_output.shape() != shape.as_slice() {
-            return Err(TapeError::GradientShape {
-                op: "backward_with".into(),
-                what: "the output".into(),
-                expected: shape,
-                got: grad_output.shape().to_vec(),
-            });
-        }
-        let mut grads: Vec<Option<ArrayD<T>>> = vec![None; output.index + 1];
-        if output_requires_grad {
-            grads[output.index] = Some(grad_output);
-        }
-        // Per op, its inputs, which of them need a gradient and their values: lists refilled at
-        // each op.
-        let (mut inputs, mut needs_grad, mut values) = (Vec::new(), Vec::new(), Vec::new());
-        for index in (0..=output.index).rev() {
-            let Some(grad) = grads[index].take() else {
-                continue;
-            };
-            // Shared handles to the op and its values, and no borrow of the node list while its
-            // backward runs: a backward may record on this tape.
-            let (op, output_value) = {
-                let nodes = self.nodes.borrow();
-                let node = &nodes[index];
-                let NodeKind::Op {
-                    op,
-                    inputs: node_inputs,
-                } = &node.kind
-                else {
-                    grads[index] = Some(grad);
-                    continue;
-                };
-                inputs.clear();
-                inputs.extend_from_slice(node_inputs);
-                needs_grad.clear();
-                needs_grad.extend(node_inputs.iter().map(|&i| nodes[i].requires_grad));
-                values.clear();
-                values.extend(node_inputs.iter().map(|&i| Rc::clone(&nodes[i].value)));
-                (Rc::clone(op), Rc::clone(&node.value))
-            };
-            let input_values: Vec<ArrayViewD<'_, T>> = values.iter().map(|value| value.view()).collect();
-            let input_grads = op.backward(&BackwardArgs {
-                inputs: &input_values,
-                output: output_value.view(),
-                grad_output: grad.view(),
-                needs_grad: &needs_grad,
-            })?;
-            grads[index] = Some(grad);
-            if input_grads.len() != inputs.len() {
-                return Err(TapeError::GradientCount {
-                    op: op.name().to_string(),
-                    expected: inputs.len(),
-                    got: input_grads.len(),
-                });
-            }
-            for (position, (&input, input_grad)) in inputs.iter().zip(input_grads).enumerate() {
-                let Some(input_grad) = input_grad.filter(|_| needs_grad[position]) else {
-                    continue;
-                };
-                if input_grad.shape() != values[position].shape() {
-                    return Err(TapeError::GradientShape {
-                        op: op.name().to_string(),
-                        what: format!("input {position}"),
-                        expected: values[position].shape().to_vec(),
-                        got: input_grad.shape().to_vec(),
-                    });
-                }
-                accumulate(&mut grads[input], input_grad);
-            }
-        }
-        Ok(Gradients::new(self.id, grads))
+        self.checked_backward(output, grad_output.into_dyn(), |_| {})
     }
 
     fn shape_of(&self, var: Var<'_, T>, op: &'static str) -> Result<Vec<usize>> {
@@ -354,16 +270,16 @@ impl<T: Element> Tape<T> {
         Rc::clone(&self.nodes.borrow()[index].value)
     }
 
+    /// The rule an op node's [`Function::rule`] gives (empty for leaves and ops without one).
+    pub(crate) fn rule_of(&self, index: usize) -> String {
+        match &self.nodes.borrow()[index].kind {
+            NodeKind::Op { op, .. } => op.rule().to_string(),
+            NodeKind::Variable | NodeKind::Constant => String::new(),
+        }
+    }
+
     pub(crate) fn requires_grad_of(&self, index: usize) -> bool {
         self.nodes.borrow()[index].requires_grad
-    }
-}
-
-/// Adds `grad` into the slot, taking it as is when the slot is empty.
-fn accumulate<T: Element>(slot: &mut Option<ArrayD<T>>, grad: ArrayD<T>) {
-    match slot {
-        Some(existing) => Zip::from(existing).and(&grad).for_each(|e, &g| *e = *e + g),
-        None => *slot = Some(grad),
     }
 }
 
@@ -485,9 +401,11 @@ impl<'t, T: Element> Var<'t, T> {
     }
 }
 
+mod backward;
 mod gradients;
 mod graph;
 
+pub use self::backward::BackwardStep;
 pub use self::gradients::{Gradients, VarId};
 pub use self::graph::GradOptions;
 

@@ -92,6 +92,14 @@ impl<T: Element> Function<T> for BatchNormNode<T> {
         "batch_norm"
     }
 
+    fn rule(&self) -> &str {
+        if self.batch_stats {
+            "batch_norm (fused): ∂/∂x = γ r [g - mean(g) - x̂ mean(g x̂)], ∂/∂γ = Σ g x̂, ∂/∂β = Σ g"
+        } else {
+            "batch_norm (fused, running statistics): ∂/∂x = γ r g, ∂/∂γ = Σ g x̂, ∂/∂β = Σ g"
+        }
+    }
+
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> tape::Result<ArrayD<T>> {
         let [x, gamma, beta] = inputs else {
             return Err(TapeError::op(

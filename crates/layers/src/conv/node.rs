@@ -312,6 +312,10 @@ impl<T: Element> Function<T> for Conv2dNode {
         "conv2d"
     }
 
+    fn rule(&self) -> &str {
+        "conv2d (fused): ∂/∂W = Σ g·colsᵀ, ∂/∂x = fold(Wᵀ·g), ∂/∂b = Σ g"
+    }
+
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> tape::Result<ArrayD<T>> {
         let (x, weight, bias) = match inputs {
             [x, weight] => (x, weight, None),

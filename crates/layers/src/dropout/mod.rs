@@ -130,6 +130,10 @@ impl<T: Element> Function<T> for DropoutNode<T> {
         "dropout"
     }
 
+    fn rule(&self) -> &str {
+        "dropout (fused): ∂/∂x = g·m, the same mask m (0 or 1/(1-p))"
+    }
+
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> tape::Result<ArrayD<T>> {
         match inputs {
             [x] if x.len() == self.keep.len() => Ok(self.masked(x)),

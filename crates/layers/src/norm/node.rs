@@ -65,6 +65,10 @@ impl<T: Element> Function<T> for GroupNormNode<T> {
         self.name
     }
 
+    fn rule(&self) -> &str {
+        "normalization (fused): ∂/∂x = r [w g - mean(w g) - x̂ mean(w g x̂)], ∂/∂w = Σ g x̂, ∂/∂b = Σ g"
+    }
+
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> tape::Result<ArrayD<T>> {
         if inputs.len() != self.inputs() {
             return Err(TapeError::op(

@@ -212,6 +212,13 @@ impl<T: Element> Function<T> for PoolNode {
         }
     }
 
+    fn rule(&self) -> &str {
+        match self.kind {
+            Kind::Max => "max_pool2d (fused): ∂/∂x = g at each window's arg-max, added where windows overlap",
+            Kind::Avg => "avg_pool2d (fused): ∂/∂x = g / (kH·kW) on every tap of each window",
+        }
+    }
+
     fn forward(&mut self, inputs: &[ArrayViewD<'_, T>]) -> tape::Result<ArrayD<T>> {
         let [x] = inputs else {
             return Err(TapeError::Arity {
