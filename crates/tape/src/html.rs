@@ -147,9 +147,10 @@ impl<T: Element> Tape<T> {
             depth[var.index()] = var.inputs().iter().map(|&i| depth[i] + 1).max().unwrap_or(0);
         }
         let last = output.index();
-        // How many op inputs each node is: more than one, and its gradient is a sum.
+        // How many inputs of the output's graph each node is: more than one, and its gradient
+        // is a sum.
         let mut uses = vec![0usize; vars.len()];
-        for var in &vars {
+        for var in &vars[..=last] {
             var.inputs().iter().for_each(|&i| uses[i] += 1);
         }
         let nodes: Vec<Value> = vars[..=last]

@@ -18,6 +18,7 @@ fn the_page_replays_the_tape_and_shows_sums_at_a_fan_out() {
     let x = tape.var(array![0.5, -1.5]);
     let w = tape.var(array![2.0, 3.0]);
     let y = (x * w + x.tanh()).sum(); // x feeds mul and tanh
+    let _later = w.exp(); // after the output: not part of its graph, so w does not fan out
     let h = 1e-6;
     let estimates = finite_differences(
         |_, v| Ok((v[0] * v[1] + v[0].tanh()).sum()),
@@ -38,7 +39,7 @@ fn the_page_replays_the_tape_and_shows_sums_at_a_fan_out() {
     assert_eq!(page.matches("</script>").count(), 2);
     let data = data_of(&page);
     let nodes = data["nodes"].as_array().unwrap();
-    assert_eq!(nodes.len(), tape.len());
+    assert_eq!(nodes.len(), tape.len() - 1, "the nodes up to the output");
     assert_eq!(nodes[x.index()]["name"], "x");
     assert_eq!(nodes[2]["op"], "mul");
     assert_eq!(nodes[2]["rule"], rule("mul"));
@@ -61,6 +62,15 @@ fn the_page_replays_the_tape_and_shows_sums_at_a_fan_out() {
         .collect();
     assert_eq!(to_x.len(), 2);
     assert!(to_x.iter().all(|c| c["fan_out"] == true));
+    let to_w: Vec<&Value> = data["backward"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b["contributions"].as_array().unwrap())
+        .filter(|c| c["to"] == w.index())
+        .collect();
+    assert_eq!(to_w.len(), 1);
+    assert_eq!(to_w[0]["fan_out"], false);
     let expected: Vec<String> = grads.wrt(x).unwrap().iter().map(|&g| sig6(g)).collect();
     assert_eq!(to_x[1]["total"]["values"], serde_json::json!(expected));
     // The leaves' table: the tape's gradient and the estimate agree to the digits shown.
