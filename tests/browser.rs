@@ -179,6 +179,18 @@ async fn check_page(client: &Client, page: &Page, file: &std::path::Path, screen
     }
     let errors: Value = client.execute("return window.tapeErrors", vec![]).await.unwrap();
     assert_eq!(errors, json!([]), "JavaScript errors");
+    // The collector sees what the page logs: the check above could fail.
+    let probe = "console.error('probe', 1); setTimeout(() => { throw new Error('thrown'); }); return 0";
+    client.execute(probe, vec![]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let errors: Value = client.execute("return window.tapeErrors", vec![]).await.unwrap();
+    assert_eq!(errors[0], json!("probe 1"));
+    // A script injected on a file:// page reports its errors only as "Script error.".
+    assert_eq!(errors.as_array().unwrap().len(), 2, "{errors}");
+    client
+        .execute("window.tapeErrors.length = 0", vec![])
+        .await
+        .unwrap();
     // A screenshot part-way through the backward pass.
     let at = (screenshot_at * steps as f64) as u64;
     client

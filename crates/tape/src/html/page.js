@@ -1,8 +1,13 @@
 "use strict";
-// Errors of this page's script, for tests and the console.
+// Errors this page's script throws or logs, for tests and the console.
 window.tapeErrors = [];
 window.addEventListener("error", (event) => window.tapeErrors.push(String(event.message)));
 window.addEventListener("unhandledrejection", (event) => window.tapeErrors.push(String(event.reason)));
+const consoleError = console.error;
+console.error = (...parts) => {
+  window.tapeErrors.push(parts.map(String).join(" "));
+  consoleError(...parts);
+};
 // The page's data is the tape as Rust wrote it (`Tape::to_html`): nodes in creation order, the
 // backward steps in the order the backward pass ran, and the trainable leaves' gradients beside
 // finite differences. Everything here only lays it out and steps through it.
