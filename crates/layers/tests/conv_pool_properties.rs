@@ -5,13 +5,13 @@
 
 mod support;
 
-use layers::{Conv2dOptions, avg_pool2d, avg_pool2d_composed, conv2d, conv2d_composed};
+use layers::{avg_pool2d, avg_pool2d_composed, conv2d, conv2d_composed};
 use layers::{max_pool2d, max_pool2d_composed};
 use ndarray::ArrayD;
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use support::{error, normal, window};
+use support::{conv_case, error, normal, window};
 use tape::{Tape, Var};
 
 /// Results of the fused and the composed forms on the same inputs and upstream gradient.
@@ -56,21 +56,8 @@ proptest! {
         bias in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let rng = &mut StdRng::seed_from_u64(seed);
-        let (c_in, c_out) = (groups * c_in_per_group, groups * c_out_per_group);
-        let options = Conv2dOptions {
-            stride: window.stride,
-            padding: window.padding,
-            dilation: window.dilation,
-            groups,
-        };
-        let mut inputs = vec![
-            normal(&[n, c_in, input[0], input[1]], rng),
-            normal(&[c_out, c_in_per_group, window.kernel[0], window.kernel[1]], rng),
-        ];
-        if bias {
-            inputs.push(normal(&[c_out], rng));
-        }
+        let groups = (groups, c_in_per_group, c_out_per_group);
+        let (options, inputs) = conv_case((window, input), n, groups, bias, seed);
         compare(&inputs, |v, composed| {
             let f = if composed { conv2d_composed } else { conv2d };
             f(v[0], v[1], v.get(2).copied(), options).unwrap()

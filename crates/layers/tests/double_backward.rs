@@ -17,7 +17,7 @@ use ndarray::ArrayD;
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use support::{error, normal, window};
+use support::{conv_case, error, normal, window};
 use tape::{GradOptions, Tape, TapeError, Var};
 
 fn recorded() -> GradOptions<f64> {
@@ -120,21 +120,8 @@ proptest! {
         bias in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let rng = &mut StdRng::seed_from_u64(seed);
-        let (c_in, c_out) = (groups * c_in_per_group, groups * c_out_per_group);
-        let options = Conv2dOptions {
-            stride: window.stride,
-            padding: window.padding,
-            dilation: window.dilation,
-            groups,
-        };
-        let mut inputs = vec![
-            normal(&[n, c_in, input[0], input[1]], rng),
-            normal(&[c_out, c_in_per_group, window.kernel[0], window.kernel[1]], rng),
-        ];
-        if bias {
-            inputs.push(normal(&[c_out], rng));
-        }
+        let groups = (groups, c_in_per_group, c_out_per_group);
+        let (options, inputs) = conv_case((window, input), n, groups, bias, seed);
         compare(&inputs, |v, composed| {
             let f = if composed { conv2d_composed } else { conv2d };
             f(v[0], v[1], v.get(2).copied(), options).unwrap()

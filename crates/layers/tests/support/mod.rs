@@ -2,9 +2,10 @@
 //! arrays, the error measure, and random pooling/convolution windows.
 #![allow(dead_code)] // each test file uses its own part
 
-use layers::Window2d;
+use layers::{Conv2dOptions, Window2d};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
+use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 
@@ -37,4 +38,31 @@ pub fn window() -> impl Strategy<Value = (Window2d, [usize; 2])> {
         }
         (window, input)
     })
+}
+
+/// A convolution's options and inputs (`x`, the weight, and the bias when `bias`) for `window`
+/// over an input of `input` pixels: `n` samples, `groups` groups of the given channels each.
+pub fn conv_case(
+    (window, input): (Window2d, [usize; 2]),
+    n: usize,
+    (groups, c_in_per_group, c_out_per_group): (usize, usize, usize),
+    bias: bool,
+    seed: u64,
+) -> (Conv2dOptions, Vec<ArrayD<f64>>) {
+    let rng = &mut StdRng::seed_from_u64(seed);
+    let (c_in, c_out) = (groups * c_in_per_group, groups * c_out_per_group);
+    let options = Conv2dOptions {
+        stride: window.stride,
+        padding: window.padding,
+        dilation: window.dilation,
+        groups,
+    };
+    let mut inputs = vec![
+        normal(&[n, c_in, input[0], input[1]], rng),
+        normal(&[c_out, c_in_per_group, window.kernel[0], window.kernel[1]], rng),
+    ];
+    if bias {
+        inputs.push(normal(&[c_out], rng));
+    }
+    (options, inputs)
 }
